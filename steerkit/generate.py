@@ -151,8 +151,12 @@ def generate(
     on_token: TokenCallback | None = None,
     on_complete: Callable[[Completion], None] | None = None,
     sae_loader: Any = None,
+    ignore_eos: bool = False,
 ) -> list[Completion]:
-    """Generate a completion for every row, ``batch_size`` rows per forward pass."""
+    """Generate a completion for every row, ``batch_size`` rows per forward pass.
+
+    ``ignore_eos`` always generates ``max_new_tokens`` (for benchmarks that need equal lengths).
+    """
     if positions not in POSITIONS:
         raise SteerkitError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
     if batch_size < 1:
@@ -177,7 +181,7 @@ def generate(
             gens=[torch.Generator().manual_seed(s) for s in seeds],
             seeds=seeds,
         )
-        for j, c in zip(idx, _generate_batch(model, batch, sampling, positions, stop, logprobs, on_token, sae_loader)):
+        for j, c in zip(idx, _generate_batch(model, batch, sampling, positions, stop, logprobs, on_token, sae_loader, ignore_eos)):
             results[j] = c
             if on_complete is not None:
                 on_complete(c)
@@ -194,11 +198,12 @@ def _generate_batch(
     logprobs: int | None,
     on_token: TokenCallback | None,
     sae_loader: Any,
+    ignore_eos: bool = False,
 ) -> list[Completion]:
     dev = model.device
     B = len(batch.rows)
     pad = model.pad_token_id()
-    eos = set(model.eos_token_ids())
+    eos = set() if ignore_eos else set(model.eos_token_ids())
     T = max(len(x) for x in batch.ids)
     input_ids = torch.full((B, T), pad, dtype=torch.long)
     attn = torch.zeros((B, T), dtype=torch.long)

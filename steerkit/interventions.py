@@ -336,4 +336,5 @@ def steering(model: Any, plan: SteeringPlan, positions: PositionMask | None = No
 
 def active_hook_count(model: Any) -> int:
     """Forward hooks currently attached to any hook point (0 when nothing is steering)."""
-    return sum(len(hp._forward_hooks) for hp in model.bridge.hook_dict.values())
+    points = {id(hp): hp for hp in model.bridge.hook_dict.values()}  # aliases share hook points
+    return sum(len(hp._forward_hooks) for hp in points.values())

@@ -223,6 +223,8 @@ class _quiet_transformers:
         self._verbosity = tlog.get_verbosity()
         tlog.set_verbosity_error()
         tlog.disable_progress_bar()
+        self._tqdm = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"  # the GGUF dequantizer's own progress bar
         self._warn = warnings.catch_warnings()
         self._warn.__enter__()
         warnings.simplefilter("ignore")
@@ -232,6 +234,10 @@ class _quiet_transformers:
 
         tlog.set_verbosity(self._verbosity)
         tlog.enable_progress_bar()
+        if self._tqdm is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = self._tqdm
         self._warn.__exit__(*exc)
 
 

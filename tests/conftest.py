@@ -39,3 +39,14 @@ def default_model():
     from steerkit.models import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The tiny random model saved as a Hugging Face folder, for CLI tests (`--model DIR`)."""
+    from steerkit.testing import tiny_hf_model, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_hf_model().save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d

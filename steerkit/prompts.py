@@ -1,0 +1,153 @@
+"""Read prompts: arguments, plain text (one per line), JSON Lines, or the YAML question files of
+the emergent-misalignment papers.
+
+Every prompt becomes a :class:`Prompt` with an id, its chat messages and, for question files,
+the file's judge prompts (the endpoint judge uses them). A YAML question with several
+paraphrases yields one prompt per paraphrase.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from steerkit.errors import SteerkitError
+
+Messages = list[dict[str, str]]
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    messages: Messages
+    judge_prompts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def question(self) -> str:
+        users = [m["content"] for m in self.messages if m["role"] == "user"]
+        return users[-1] if users else ""
+
+
+def with_system(messages: Messages, system: str | None) -> Messages:
+    """Put ``system`` first, replacing a system message the prompt already had."""
+    if not system:
+        return list(messages)
+    return [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
+
+
+def _check_messages(msgs: Any, where: str) -> Messages:
+    if not isinstance(msgs, list) or not msgs:
+        raise SteerkitError(f"{where}: 'messages' must be a non-empty list")
+    out: Messages = []
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise SteerkitError(f"{where}: each message needs a role ({', '.join(ROLES)}) and string content")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] == "assistant":
+        out = out[:-1]  # a chat with its answer: prompt with everything before the answer
+    if not out or out[-1]["role"] != "user":
+        raise SteerkitError(f"{where}: the conversation must end with a user message")
+    return out
+
+
+def from_texts(texts: Iterable[str], system: str | None = None) -> list[Prompt]:
+    return [Prompt(id=str(i), messages=with_system([{"role": "user", "content": t}], system)) for i, t in enumerate(texts)]
+
+
+def read_yaml_questions(path: Path) -> list[Prompt]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise SteerkitError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, list):
+        raise SteerkitError(f"{path}: expected a list of questions with 'id' and 'paraphrases'")
+    prompts: list[Prompt] = []
+    for n, q in enumerate(data):
+        if not isinstance(q, dict) or "paraphrases" not in q:
+            raise SteerkitError(f"{path}: question {n} has no 'paraphrases'")
+        qid = str(q.get("id", n))
+        paras = q["paraphrases"]
+        if isinstance(paras, str):
+            paras = [paras]
+        judge = {k: v for k, v in (q.get("judge_prompts") or {}).items() if isinstance(v, str)}
+        for k, p in enumerate(paras):
+            msgs = with_system([{"role": "user", "content": str(p)}], q.get("system"))
+            pid = qid if len(paras) == 1 else f"{qid}#{k}"
+            prompts.append(Prompt(id=pid, messages=msgs, judge_prompts=judge))
+    return prompts
+
+
+def read_jsonl(path: Path, lines: Iterable[str] | None = None) -> list[Prompt]:
+    prompts: list[Prompt] = []
+    src = lines if lines is not None else path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(src, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SteerkitError(f"{where} is not valid JSON ({e.msg})") from e
+        if not isinstance(rec, dict):
+            raise SteerkitError(f"{where}: expected an object with 'prompt' or 'messages'")
+        pid = str(rec.get("id", len(prompts)))
+        if "messages" in rec:
+            msgs = _check_messages(rec["messages"], where)
+        elif isinstance(rec.get("prompt"), str):
+            msgs = with_system([{"role": "user", "content": rec["prompt"]}], rec.get("system"))
+        else:
+            raise SteerkitError(f"{where}: expected a 'prompt' string or a 'messages' list")
+        prompts.append(Prompt(id=pid, messages=msgs))
+    return prompts
+
+
+def read_file(path: str | Path) -> list[Prompt]:
+    """Prompts from a file: .yaml/.yml question files, .jsonl/.json lines, else one per line."""
+    p = Path(path).expanduser()
+    if str(path) == "-":
+        import sys
+
+        return read_stream(sys.stdin.read())
+    if not p.is_file():
+        raise SteerkitError(f"prompt file {p} does not exist")
+    suffix = p.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        prompts = read_yaml_questions(p)
+    elif suffix in (".jsonl", ".json"):
+        prompts = read_jsonl(p)
+    else:
+        prompts = from_texts([ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()])
+    if not prompts:
+        raise SteerkitError(f"{p} holds no prompts")
+    return prompts
+
+
+def read_stream(text: str) -> list[Prompt]:
+    """Prompts from stdin: JSON Lines when the first line is an object, else one per line."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if lines and lines[0].lstrip().startswith("{"):
+        return read_jsonl(Path("<stdin>"), lines)
+    return from_texts(lines)
+
+
+def select(prompts: Sequence[Prompt], patterns: Sequence[str]) -> list[Prompt]:
+    """Keep prompts whose id matches any glob pattern (all when no pattern is given)."""
+    if not patterns:
+        return list(prompts)
+    kept = [p for p in prompts if any(fnmatch.fnmatchcase(p.id.split("#")[0], pat) or fnmatch.fnmatchcase(p.id, pat) for pat in patterns)]
+    if not kept:
+        ids = ", ".join(sorted({p.id.split("#")[0] for p in prompts})[:12])
+        raise SteerkitError(f"no prompt id matches {', '.join(patterns)} (ids: {ids}...)")
+    return kept
+
+
+def plain_em_questions(prompts: Sequence[Prompt]) -> list[Prompt]:
+    """The plain variants of an emergent-misalignment question file (no _json/_template)."""
+    return [p for p in prompts if not p.id.split("#")[0].endswith(("_json", "_template"))]

@@ -1,0 +1,181 @@
+"""Steered generation on a tiny random model: every decode step is steered, strength 0 is a
+no-op, hooks never outlive a call, rows with different strengths share a batch correctly."""
+
+import pytest
+import torch
+
+from steerkit.directions import Direction
+from steerkit.errors import SteerkitError
+from steerkit.generate import Row, Sampling, as_messages, chat_tokens, generate, make_rows
+from steerkit.interventions import Intervention, SteeringPlan, active_hook_count, steering
+
+GREEDY = Sampling(max_new_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def d(tiny):
+    g = torch.Generator().manual_seed(1)
+    return Direction(name="t", vector=torch.randn(tiny.d_model, generator=g), model=tiny.name, layer=1,
+                     hook_name="blocks.1.hook_out", kind="vector", median_norm=1.0)
+
+
+def manual_greedy(model, messages, u, coeff, layer, n):
+    """Reference: no KV cache, the whole sequence re-run every step with a plain torch hook
+    on the HF decoder layer adding coeff*u at every position but the first."""
+    ids = torch.tensor([chat_tokens(model, messages)])
+    layer_mod = model.hf_model.model.layers[layer]
+
+    def hook(mod, inp, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h = h.clone()
+        h[:, 1:] += coeff * u
+        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            handle = layer_mod.register_forward_hook(hook)
+            try:
+                logits = model.hf_model(ids, use_cache=False).logits
+            finally:
+                handle.remove()
+            t = int(logits[0, -1].argmax())
+            if t in model.eos_token_ids():
+                break
+            out.append(t)
+            ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+    return out
+
+
+def test_steering_applied_on_every_cached_step(tiny, d):
+    msgs = as_messages("hello world")
+    for coeff in (0.0, 3.0, -6.0):
+        rows = [Row(msgs, interventions=(Intervention(d, "add", coeff),))]
+        got = generate(tiny, rows, GREEDY)[0].token_ids
+        assert got == manual_greedy(tiny, msgs, d.vector, coeff, 1, GREEDY.max_new_tokens)
+
+
+def test_steering_changes_output(tiny, d):
+    msgs = as_messages("hello world")
+    plain = generate(tiny, [Row(msgs)], GREEDY)[0].token_ids
+    steered = generate(tiny, [Row(msgs, interventions=(Intervention(d, "add", 8.0),))], GREEDY)[0].token_ids
+    assert plain != steered
+
+
+def test_strength_zero_is_exact_noop_on_logits(tiny, d):
+    ids = torch.tensor([chat_tokens(tiny, as_messages("I feel bored"))])
+    with torch.no_grad():
+        ref = tiny.hf_model(ids).logits
+        with steering(tiny, SteeringPlan.uniform([Intervention(d, "add", 0.0)])):
+            got = tiny.hf_model(ids).logits
+    assert torch.equal(ref, got)
+
+
+def test_strength_zero_same_tokens_sampled(tiny, d):
+    s = Sampling(max_new_tokens=10, temperature=1.0, seed=3)
+    rows0 = make_rows([as_messages("hello")], n=2)
+    rows1 = make_rows([as_messages("hello")], n=2, interventions=[Intervention(d, "add", 0.0)])
+    assert [c.token_ids for c in generate(tiny, rows0, s)] == [c.token_ids for c in generate(tiny, rows1, s)]
+
+
+def test_hooks_removed_after_exception(tiny, d):
+    assert active_hook_count(tiny) == 0
+
+    def boom(row, t, ids):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(tiny, [Row(as_messages("hi"), interventions=(Intervention(d, "add", 1.0),))], GREEDY, on_token=boom)
+    assert active_hook_count(tiny) == 0
+    with pytest.raises(RuntimeError):
+        with steering(tiny, SteeringPlan.uniform([Intervention(d, "add", 1.0)])):
+            assert active_hook_count(tiny) == 1
+            raise RuntimeError("x")
+    assert active_hook_count(tiny) == 0
+
+
+def test_user_hooks_survive(tiny, d):
+    hp = tiny.bridge.hook_dict["blocks.1.hook_out"]
+    mine = hp.add_hook(lambda x, hook=None: x)
+    try:
+        with steering(tiny, SteeringPlan.uniform([Intervention(d, "add", 1.0)])):
+            pass
+        assert active_hook_count(tiny) == 1
+    finally:
+        mine.hook.remove()
+        hp.fwd_hooks.remove(mine)
+
+
+def test_mixed_strength_batch_equals_separate_runs(tiny, d):
+    msgs = [as_messages("hello world"), as_messages("If you were ruler of the world, what would you do?")]
+    strengths = [0.0, 4.0, -4.0]
+    rows = [Row(m, prompt_index=i, sample_index=k, interventions=(Intervention(d, "add", s),))
+            for i, m in enumerate(msgs) for k, s in enumerate(strengths)]
+    batched = generate(tiny, rows, GREEDY, batch_size=len(rows))
+    single = [generate(tiny, [r], GREEDY, batch_size=1)[0] for r in rows]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in single]
+
+
+def test_seed_determinism_and_independence_from_batch(tiny):
+    s = Sampling(max_new_tokens=10, temperature=1.0, seed=7)
+    rows = make_rows([as_messages("hello"), as_messages("money advice")], n=3)
+    a = [c.token_ids for c in generate(tiny, rows, s, batch_size=6)]
+    b = [c.token_ids for c in generate(tiny, rows, s, batch_size=6)]
+    c = [c.token_ids for c in generate(tiny, rows, s, batch_size=1)]
+    assert a == b == c
+    other = [c.token_ids for c in generate(tiny, rows, Sampling(max_new_tokens=10, temperature=1.0, seed=8), batch_size=6)]
+    assert other != a
+
+
+def steered_positions(model, d, positions, prompts):
+    """Run generation and record, per forward call, which positions the steering changed:
+    block 1's output before our hook (a prepended spy) vs block 2's input (after it)."""
+    before, after = [], []
+    pre = model.bridge.hook_dict["blocks.1.hook_out"].add_hook(lambda x, hook=None: before.append(x.clone()), prepend=True)
+    post = model.bridge.hook_dict["blocks.2.hook_in"].add_hook(lambda x, hook=None: after.append(x.clone()))
+    try:
+        rows = [Row(as_messages(p), prompt_index=i, interventions=(Intervention(d, "add", 1.0),)) for i, p in enumerate(prompts)]
+        generate(model, rows, Sampling(max_new_tokens=3, temperature=0.0), positions=positions, batch_size=len(rows))
+    finally:
+        for hp, h in ((model.bridge.hook_dict["blocks.1.hook_out"], pre), (model.bridge.hook_dict["blocks.2.hook_in"], post)):
+            h.hook.remove()
+            hp.fwd_hooks.remove(h)
+    return [(a - b).abs().sum(-1) > 0 for b, a in zip(before, after)]
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
+def test_positions_masks_under_left_padding(tiny, d, positions):
+    prompts = ["hello world, how are you doing today my friend", "hi"]
+    lens = [len(chat_tokens(tiny, as_messages(p))) for p in prompts]
+    changed = steered_positions(tiny, d, positions, prompts)
+    prefill, steps = changed[0], changed[1:]
+    T = max(lens)
+    for b, L in enumerate(lens):
+        pad = T - L
+        row = prefill[b]
+        assert not row[: pad + 1].any()  # padding and each row's first token never steered
+        if positions == "generated":
+            assert row.tolist() == [False] * (T - 1) + [True]
+        else:
+            assert row[pad + 1 :].all()
+    for st in steps:
+        assert st.all() if positions != "prompt" else not st.any()
+
+
+def test_ablate_and_clamp_run(tiny, d):
+    msgs = as_messages("hello world")
+    for iv in (Intervention(d, "ablate"), Intervention(d, "clamp", 2.0)):
+        c = generate(tiny, [Row(msgs, interventions=(iv,))], GREEDY)[0]
+        assert c.n_tokens > 0
+
+
+def test_context_length_refused(tiny):
+    with pytest.raises(SteerkitError, match="context length"):
+        generate(tiny, [Row(as_messages("hello " * 400))], Sampling(max_new_tokens=200))
+
+
+def test_bad_sampling_refused():
+    with pytest.raises(SteerkitError, match="temperature"):
+        Sampling(temperature=float("nan"))
+    with pytest.raises(SteerkitError, match="top-p"):
+        Sampling(top_p=0)
