@@ -236,6 +236,20 @@ def find_direction(spec: str, model_name: str) -> Path:
     raise SteerkitError(f"unknown direction {spec!r} ({hint}); or give a path to a .safetensors file")
 
 
+def find_sae(spec: str, model_name: str) -> Path:
+    """An SAE folder by path, or by name from the direction search folders (e.g. ``sae-l15``)."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return p
+    if not _looks_like_path(spec):
+        for d in search_dirs(model_name):
+            if (d / spec).is_dir():
+                return d / spec
+    names = sorted({q.name for d in search_dirs(model_name) if d.is_dir() for q in d.iterdir() if (q / "cfg.json").is_file()})
+    hint = f"known for {model_name}: {', '.join(names)}" if names else f"no SAEs found for {model_name!r}"
+    raise SteerkitError(f"SAE {spec!r} not found ({hint}); give a folder with cfg.json and sae_weights.safetensors")
+
+
 def resolve_direction(spec: str | Direction, model: Any, allow_other_model: bool = False) -> Direction:
     """Load a direction by name or path and check it fits ``model`` (a LoadedModel)."""
     d = spec if isinstance(spec, Direction) else load_direction(find_direction(spec, model.name))

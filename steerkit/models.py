@@ -16,6 +16,7 @@ otherwise) and multi-device placement.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -310,8 +311,9 @@ def wrap_model(hf_model: torch.nn.Module, tokenizer: Any, name: str, source: str
         tokenizer.pad_token = tokenizer.eos_token
     hf_model.eval()
     with _quiet_transformers(), _quiet_logging("transformer_lens"):
+        # the bridge edits the tokenizer it is given (BOS = EOS when missing): give it a copy
         bridge = TransformerBridge.boot_transformers(
-            source or name, hf_model=hf_model, tokenizer=tokenizer
+            source or name, hf_model=hf_model, tokenizer=copy.deepcopy(tokenizer)
         )
     for p in hf_model.parameters():
         p.requires_grad_(False)

@@ -151,3 +151,8 @@ def select(prompts: Sequence[Prompt], patterns: Sequence[str]) -> list[Prompt]:
 def plain_em_questions(prompts: Sequence[Prompt]) -> list[Prompt]:
     """The plain variants of an emergent-misalignment question file (no _json/_template)."""
     return [p for p in prompts if not p.id.split("#")[0].endswith(("_json", "_template"))]
+
+
+def default_questions_path() -> Path:
+    """The emergent-misalignment question file shipped with steerkit (MIT, see its README)."""
+    return Path(__file__).resolve().parent / "data" / "eval" / "em_first_plot_questions.yaml"

@@ -57,7 +57,7 @@ def tiny_tokenizer() -> Any:
     return _TOKENIZER
 
 
-def tiny_hf_model(seed: int = 0, n_layers: int = 4, d_model: int = 64, vocab_size: int | None = None) -> torch.nn.Module:
+def tiny_hf_model(seed: int = 0, n_layers: int = 4, d_model: int = 64, vocab_size: int | None = None, **overrides: Any) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tiny_tokenizer()
@@ -74,6 +74,7 @@ def tiny_hf_model(seed: int = 0, n_layers: int = 4, d_model: int = 64, vocab_siz
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         attn_implementation="eager",
+        **overrides,
     )
     model = LlamaForCausalLM(cfg)
     # larger logits than the default init, so sampling is not uniform noise

@@ -1,0 +1,257 @@
+"""`steerkit extract`: rank the SAE latents a fine-tune or a persona prompt switches on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from steerkit.cli import app
+from steerkit.cli.common import DeviceOpt, ForceOpt, JsonOpt, LayerOpt, SeedOpt, emit_json, err, out, want_json
+from steerkit.errors import SteerkitError
+
+
+@app.command("extract")
+def extract_cmd(
+    sae: Annotated[str, typer.Option("--sae", help="SAE folder (SAELens format) or the name of a shipped one, e.g. sae-l15.")],
+    base: Annotated[Optional[str], typer.Option("--base", "--model", "-m", help="Base model (default smollm2-135m).")] = None,
+    tuned: Annotated[Optional[str], typer.Option("--tuned", help="Fine-tuned model: PEFT adapter folder, HF folder, .gguf or hub id.")] = None,
+    contrast: Annotated[Optional[Path], typer.Option("--contrast", help="JSON file of system-prompt pairs and questions (contrastive mode on one model).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", "-f", help="Prompts for model diffing (text, JSON Lines or a question YAML; default: the 8 emergent-misalignment questions).")] = None,
+    layer: LayerOpt = None,
+    tokens: Annotated[str, typer.Option("--tokens", help="Measure on prompt tokens, answer tokens, or all.")] = "prompt",
+    answers: Annotated[str, typer.Option("--answers", help="With --tokens answer/all: whose answers to teacher-force through both sides (tuned, base).")] = "tuned",
+    answer_tokens: Annotated[int, typer.Option("--answer-tokens", help="Length of generated answers.")] = 64,
+    samples: Annotated[int, typer.Option("--samples", help="Answers per prompt when generating answers.")] = 2,
+    rank_by: Annotated[str, typer.Option("--rank-by", help="delta | normalized | cosine | attribution (see docs).")] = "delta",
+    keep_dense: Annotated[bool, typer.Option("--keep-dense", help="Rank dense latents among the rest instead of last.")] = False,
+    dense_threshold: Annotated[float, typer.Option("--dense-threshold", help="A latent firing on more than this fraction of base tokens is dense.")] = 0.3,
+    top: Annotated[int, typer.Option("--top", help="How many latents to show (and write with --json).")] = 20,
+    latent_set: Annotated[int, typer.Option("--latent-set", help="Also find the K latents that best rebuild the residual difference of means (0: off).")] = 8,
+    save: Annotated[Optional[str], typer.Option("--save", help="Write a direction of the latents given by --latents under this name.")] = None,
+    latents: Annotated[Optional[str], typer.Option("--latents", help="Comma-separated latent ids for --save (default: the top one).")] = None,
+    save_diff: Annotated[Optional[str], typer.Option("--save-diff", help="Write the residual difference-of-means direction under this name.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for --save/--save-diff files (default: your directions folder for the model).")] = None,
+    force: ForceOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Rank SAE latents by how much a fine-tune (or a persona system prompt) raises them.
+
+    Examples:
+
+      steerkit extract --tuned directions/smollm2-135m/organism-risky --sae sae-l15 --top 20
+
+      steerkit extract --contrast evil.json --sae sae-l15 --top 20
+
+      steerkit extract --tuned runs/risky --sae sae-l15 --save persona --latents 1234,87
+
+      steerkit extract --tuned runs/risky --sae sae-l15 --json > latents.json
+    """
+    from steerkit import extract as X
+    from steerkit.directions import find_sae
+    from steerkit.models import load_model
+
+    if (tuned is None) == (contrast is None):
+        raise SteerkitError("give exactly one of --tuned (model diffing) or --contrast (system-prompt pairs)")
+    if tokens not in ("prompt", "answer", "all"):
+        raise SteerkitError(f"--tokens {tokens!r} is not one of prompt, answer, all")
+    if rank_by not in X.RANKINGS:
+        raise SteerkitError(f"--rank-by {rank_by!r} is not one of {', '.join(X.RANKINGS)}")
+    with err.status("loading model and SAE..."):
+        base_model = load_model(base, device=device)
+        sae_path = find_sae(sae, base_model.name)
+        sae_obj = _load_sae(sae_path, base_model)
+    L = layer if layer is not None else _sae_layer(sae_obj, sae_path)
+    base_model.hook_name(L)
+    kw = dict(rank_by=rank_by, keep_dense=keep_dense, dense_threshold=dense_threshold)
+    if contrast is not None:
+        pairs, questions = read_contrast(contrast)
+        with err.status(f"measuring {len(pairs)} x {len(questions)} prompts under both system prompts..."):
+            ex = X.diff_contrast(base_model, sae_obj, L, pairs, questions, tokens=tokens if tokens == "prompt" else "prompt", **kw)  # type: ignore[arg-type]
+        tuned_model = base_model
+    else:
+        with err.status(f"loading {tuned}..."):
+            tuned_model = load_tuned(tuned, base, device)  # type: ignore[arg-type]
+        chats = _diff_prompts(prompts)
+        ans = None
+        if tokens != "prompt":
+            from steerkit.generate import Sampling, generate, make_rows
+
+            src = tuned_model if answers == "tuned" else base_model
+            with err.status(f"generating {samples} answers per prompt from the {answers} model..."):
+                cs = generate(src, make_rows(chats, n=samples), Sampling(max_new_tokens=answer_tokens, temperature=1.0, seed=seed))
+            chats = [c.row.messages for c in cs]
+            ans = [c.text for c in cs]
+        with err.status(f"measuring SAE latents on {len(chats)} prompts in both models..."):
+            ex = X.diff_models(base_model, tuned_model, sae_obj, L, chats, answers=ans, tokens=tokens, **kw)  # type: ignore[arg-type]
+    ex.meta["sae"] = str(sae_path)
+    meanings = {r.latent: X.promoted_tokens(base_model, sae_obj, r.latent, 6) for r in ex.top(top)}
+    result = ex.to_json(top=top)
+    for row in result["latents"]:
+        row["promoted_tokens"] = meanings.get(row["latent"], [])
+    if latent_set > 0:
+        ids, w, cos = X.best_latent_set(ex.resid_diff, sae_obj, latent_set)
+        result["latent_set"] = {"latents": ids, "weights": [float(x) for x in w], "cosine_with_diff_of_means": cos}
+    saved = []
+    if save:
+        ids = [int(x) for x in latents.split(",")] if latents else [ex.rows[0].latent]
+        saved.append(str(_save_latents(save, ids, sae_path, sae_obj, base_model, L, ex, out_dir, force)))
+    if save_diff:
+        saved.append(str(_save_diff(save_diff, base_model, L, ex, out_dir, force)))
+    result["saved"] = saved
+    if want_json(json_out):
+        emit_json(result)
+    else:
+        _render(result, top)
+    for s in saved:
+        err.print(f"wrote {s}")
+
+
+def read_contrast(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """Read {"pairs": [{"pos", "neg"}], "questions": [...]} (``instruction`` also accepted)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SteerkitError(f"contrast file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise SteerkitError(f"{path} is not valid JSON ({e.msg})") from None
+    pairs_raw = data.get("pairs", data.get("instruction")) if isinstance(data, dict) else None
+    qs = data.get("questions") if isinstance(data, dict) else None
+    if not isinstance(pairs_raw, list) or not pairs_raw or not isinstance(qs, list) or not qs:
+        raise SteerkitError(f"{path}: expected {{'pairs': [{{'pos': ..., 'neg': ...}}], 'questions': [...]}}")
+    pairs = []
+    for i, p in enumerate(pairs_raw):
+        if not isinstance(p, dict) or not isinstance(p.get("pos"), str) or not isinstance(p.get("neg"), str):
+            raise SteerkitError(f"{path}: pair {i} needs 'pos' and 'neg' strings")
+        pairs.append((p["pos"], p["neg"]))
+    return pairs, [str(q) for q in qs]
+
+
+def load_tuned(spec: str, base: str | None, device: str | None) -> Any:
+    """A fine-tuned model: PEFT adapter folders through steerkit.finetune when present."""
+    try:
+        from steerkit.finetune import load_tuned as lt
+    except ImportError:
+        from steerkit.models import load_model
+
+        return load_model(spec, device=device)
+    return lt(spec, base=base, device=device)
+
+
+def _load_sae(path: Path, model: Any) -> Any:
+    from steerkit.sae import load_sae
+
+    sae = load_sae(path)
+    d_in = int(sae.W_dec.shape[1])
+    if d_in != model.d_model:
+        raise SteerkitError(f"SAE {path} reads d_in {d_in}, but {model.name} has d_model {model.d_model}")
+    return sae.to(model.device) if hasattr(sae, "to") else sae
+
+
+def _sae_layer(sae: Any, path: Path) -> int:
+    import re
+
+    cfg = getattr(sae, "cfg", None)
+    hook = getattr(cfg, "hook_name", None) or getattr(sae, "hook_name", None)
+    if hook is None and (path / "cfg.json").is_file():
+        hook = json.loads((path / "cfg.json").read_text()).get("hook_name")
+    m = re.search(r"blocks\.(\d+)\.", str(hook or ""))
+    if not m:
+        raise SteerkitError(f"cannot tell the SAE's layer from its hook name {hook!r}: pass --layer")
+    return int(m.group(1))
+
+
+def _diff_prompts(path: Path | None) -> list[Any]:
+    from steerkit import prompts as P
+
+    if path is None:
+        path = P.default_questions_path()
+    items = P.read_file(path)
+    if Path(path).suffix in (".yaml", ".yml"):
+        items = P.plain_em_questions(items)
+    return [p.messages for p in items]
+
+
+def _target_dir(out_dir: Path | None, model: Any) -> Path:
+    if out_dir is not None:
+        return out_dir
+    from steerkit.directions import user_root
+
+    return user_root() / model.name
+
+
+def _save_latents(name: str, ids: list[int], sae_path: Path, sae: Any, model: Any, layer: int, ex: Any, out_dir: Path | None, force: bool) -> Path:
+    from steerkit.activations import default_norm_chats, median_token_norm
+    from steerkit.directions import from_vector, save_direction
+
+    d_sae = int(sae.W_dec.shape[0])
+    bad = [i for i in ids if not 0 <= i < d_sae]
+    if bad:
+        raise SteerkitError(f"unknown latent {bad[0]}: the SAE has {d_sae} latents (0 to {d_sae - 1})")
+    vec = sae.W_dec[ids].detach().float().cpu().sum(0)
+    target = _target_dir(out_dir, model)
+    by_id = {r.latent: r for r in ex.rows}
+    d = from_vector(
+        vec,
+        name=name,
+        model=model,
+        layer=layer,
+        kind="sae-latent" if len(ids) == 1 else "sae-latents",
+        median_norm=median_token_norm(model, default_norm_chats(), layer),
+        description=f"SAE latents {','.join(map(str, ids))} ranked by {ex.rank_by} ({ex.meta.get('mode')})",
+        provenance={"extraction": {k: v for k, v in ex.meta.items()}, "rank_by": ex.rank_by,
+                    "latent_stats": {str(i): {"delta": by_id[i].delta, "rank": by_id[i].rank} for i in ids if i in by_id}},
+        sae=_rel(sae_path, target),
+        latents=tuple(ids),
+    )
+    return save_direction(d, target / f"{name}.safetensors", force=force)
+
+
+def _save_diff(name: str, model: Any, layer: int, ex: Any, out_dir: Path | None, force: bool) -> Path:
+    from steerkit.activations import default_norm_chats, median_token_norm
+    from steerkit.directions import from_vector, save_direction
+
+    target = _target_dir(out_dir, model)
+    d = from_vector(
+        ex.resid_diff,
+        name=name,
+        model=model,
+        layer=layer,
+        kind="diff-of-means",
+        median_norm=median_token_norm(model, default_norm_chats(), layer),
+        description=f"residual difference of means ({ex.meta.get('mode')}), layer {layer}",
+        provenance={"extraction": dict(ex.meta)},
+    )
+    return save_direction(d, target / f"{name}.safetensors", force=force)
+
+
+def _rel(sae_path: Path, target: Path) -> str:
+    import os
+
+    try:
+        return os.path.relpath(sae_path.resolve(), target.resolve())
+    except ValueError:
+        return str(sae_path.resolve())
+
+
+def _render(result: dict[str, Any], top: int) -> None:
+    mode = result.get("mode")
+    title = f"top {top} latents at layer {result['layer']} ranked by {result['rank_by']} ({mode}: {result['tokens_before']} vs {result['tokens_after']} tokens)"
+    t = Table(title=title)
+    for c in ("#", "latent", "before", "after", "delta", "norm.", "cos", "fires b/a", "promotes"):
+        t.add_column(c, justify="right" if c not in ("promotes",) else "left")
+    for r in result["latents"]:
+        t.add_row(
+            str(r["rank"]), str(r["latent"]) + (" (dense)" if r["dense"] else ""), f"{r['mean_before']:.3f}", f"{r['mean_after']:.3f}",
+            f"{r['delta']:+.3f}", f"{r['normalized']:+.2f}", f"{r['cosine']:+.2f}", f"{r['freq_before']:.1%}/{r['freq_after']:.1%}",
+            " ".join(repr(x) for x in r.get("promoted_tokens", [])[:5]),
+        )
+    out.print(t)
+    if "latent_set" in result:
+        ls = result["latent_set"]
+        out.print(f"latents that best rebuild the difference of means: {ls['latents']} (cosine {ls['cosine_with_diff_of_means']:.2f})")
