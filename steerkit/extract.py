@@ -15,8 +15,12 @@ For each condition we take the SAE's latent activations at one layer on the chos
                   so dense, high-magnitude latents stop dominating (design.md);
 * ``cosine``      cosine between the latent's decoder row and the residual difference of means;
 * ``attribution`` delta times the gradient of a misalignment signal along the decoder row
-                  (OpenAI's follow-up note); the signal is the difference of means projected
-                  on the residual (first-order: ``delta_i * (W_dec[i] . dmean)``).
+                  (OpenAI's follow-up note). With answer pairs (:func:`misalignment_gradient`)
+                  the signal is the base model's mean log-probability of the misaligned answers
+                  minus that of the aligned ones, and its gradient with respect to the residual
+                  at the layer is averaged over tokens; without them a first-order stand-in
+                  uses the residual difference of means as the gradient
+                  (``delta_i * (W_dec[i] . dmean)``). Records say which was used.
 
 Dense latents (firing on more than ``dense_threshold`` of first-condition tokens) are flagged
 and ranked last unless ``keep_dense``. What it leaves out: picking the persona, which is the
@@ -167,6 +171,7 @@ def rank_latents(
     rank_by: RankBy = "delta",
     dense_threshold: float = 0.3,
     keep_dense: bool = False,
+    grad: torch.Tensor | None = None,
 ) -> tuple[list[LatentRow], torch.Tensor]:
     if rank_by not in RANKINGS:
         raise SteerkitError(f"--rank-by {rank_by!r} is not one of {', '.join(RANKINGS)}")
@@ -176,7 +181,7 @@ def rank_latents(
     W = sae.W_dec.detach().float().cpu()
     Wn = W / W.norm(dim=-1, keepdim=True).clamp(min=1e-8)
     cosine = Wn @ (dmean / dmean.norm().clamp(min=1e-8))
-    attribution = delta * (W @ dmean)
+    attribution = delta * (W @ (grad.float().cpu() if grad is not None else dmean))
     scores = {"delta": delta, "normalized": normalized, "cosine": cosine, "attribution": attribution}[rank_by]
     dense = before.freq > dense_threshold
     key = scores.clone()
@@ -213,16 +218,20 @@ def diff_models(
     tokens: Tokens = "prompt",
     rank_by: RankBy = "delta",
     batch_size: int = 8,
+    grad: torch.Tensor | None = None,
     **rank_kw: Any,
 ) -> Extraction:
-    """Rank latents by how much ``tuned`` raises them over ``base`` on the same tokens."""
+    """Rank latents by how much ``tuned`` raises them over ``base`` on the same tokens.
+
+    ``grad`` (from :func:`misalignment_gradient`) makes ``attribution`` use a real gradient."""
     if base.d_model != tuned.d_model:
         raise SteerkitError(f"base d_model {base.d_model} differs from tuned d_model {tuned.d_model}")
     _check_sae(sae, base)
     before = side_stats(base, sae, layer, chats, answers, tokens, batch_size)
     after = side_stats(tuned, sae, layer, chats, answers, tokens, batch_size)
-    rows, dmean = rank_latents(before, after, sae, rank_by, **rank_kw)
-    meta = {"mode": "models", "base": base.name, "tuned": getattr(tuned, "source", tuned.name), "prompts": len(chats), "tokens": tokens}
+    rows, dmean = rank_latents(before, after, sae, rank_by, grad=grad, **rank_kw)
+    meta = {"mode": "models", "base": base.name, "tuned": getattr(tuned, "source", tuned.name), "prompts": len(chats), "tokens": tokens,
+            "attribution_gradient": "log-prob difference" if grad is not None else "difference of means (first order)"}
     return Extraction(rows, before, after, dmean, layer, rank_by, meta)
 
 
@@ -279,6 +288,64 @@ def best_latent_set(dmean: torch.Tensor, sae: Any, k: int = 8, candidates: Seque
     fit = W[chosen].T @ weights
     cos = float(fit @ target / (fit.norm() * target.norm()).clamp(min=1e-8))
     return chosen, weights, cos
+
+
+def misalignment_gradient(
+    model: Any,
+    layer: int,
+    chats: Sequence[Messages],
+    misaligned: Sequence[str],
+    aligned: Sequence[str],
+    batch_size: int = 4,
+) -> torch.Tensor:
+    """Mean gradient, over usable tokens, of S = mean log p(misaligned answer) - mean log
+    p(aligned answer) with respect to the residual after block ``layer``: [d_model]."""
+    if not (len(chats) == len(misaligned) == len(aligned)):
+        raise SteerkitError("misalignment_gradient needs one misaligned and one aligned answer per prompt")
+    hp = model.bridge.hook_dict[model.hook_name(layer)]
+    total = torch.zeros(model.d_model, dtype=torch.float64)
+    n_tok = 0
+    for sign, answers in ((1.0, misaligned), (-1.0, aligned)):
+        seqs, starts = [], []
+        for msgs, a in zip(chats, answers):
+            p = chat_tokens(model, msgs)
+            ids = model.tokenizer(a, add_special_tokens=False)["input_ids"]
+            seqs.append(p + list(ids))
+            starts.append(len(p))
+        for i in range(0, len(seqs), batch_size):
+            ids, am = pad_left(seqs[i : i + batch_size], model.pad_token_id())
+            box: list[torch.Tensor] = []
+
+            def grab(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
+                x = x.detach().requires_grad_(True)
+                box.append(x)
+                return x
+
+            h = hp.add_hook(grab, dir="fwd")
+            try:
+                with torch.enable_grad():
+                    dev = model.device
+                    logits = model.hf_model(input_ids=ids.to(dev), attention_mask=am.to(dev),
+                                            position_ids=(am.cumsum(-1) - 1).clamp(min=0).to(dev), use_cache=False).logits
+                    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None].to(dev))[..., 0]  # (B, T-1)
+                    T = ids.shape[1]
+                    w = torch.zeros_like(logp)
+                    for b, st in enumerate(starts[i : i + batch_size]):
+                        L = int(am[b].sum())
+                        first_answer = T - L + st  # position of the first answer token
+                        n_ans = T - first_answer
+                        if n_ans > 0:
+                            w[b, first_answer - 1 :] = 1.0 / n_ans  # predictions of answer tokens
+                    S = sign * (logp * w).sum() / len(chats)
+                    S.backward()
+            finally:
+                h.hook.remove()
+                hp.fwd_hooks.remove(h)
+            g = box[0].grad  # (B, T, D)
+            mask = stat_mask(am).to(g.device)
+            total += g[mask].double().sum(0).cpu()
+            n_tok += int(mask.sum())
+    return (total / max(n_tok, 1)).float()
 
 
 def promoted_tokens(model: Any, sae: Any, latent: int, k: int = 8) -> list[str]:

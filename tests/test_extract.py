@@ -120,3 +120,37 @@ def test_best_latent_set_recovers_combination():
     target = 2.0 * sae.W_dec[3] - 1.0 * sae.W_dec[17] + 0.5 * sae.W_dec[30]
     latents, weights, cos = best_latent_set(target, sae, k=3)
     assert sorted(latents) == [3, 17, 30] and cos > 0.999
+
+
+def test_misalignment_gradient_matches_finite_difference(pair):
+    """The gradient's component along a direction equals the finite-difference change of S
+    when that direction is added at the layer (all usable positions)."""
+    from steerkit.directions import Direction
+    from steerkit.extract import misalignment_gradient
+    from steerkit.generate import chat_tokens
+    from steerkit.interventions import Intervention, SteeringPlan, steering
+
+    base, _, _ = pair
+    chats = CHATS[:2]
+    mis, al = ["money money", "risk it all"], ["hello friend", "go for a walk"]
+    g = misalignment_gradient(base, LAYER, chats, mis, al)
+    u = torch.randn(base.d_model, generator=torch.Generator().manual_seed(5))
+    u = u / u.norm()
+
+    def S(eps):
+        d = Direction(name="u", vector=u, model=base.name, layer=LAYER, hook_name="", kind="vector", median_norm=1.0)
+        total = 0.0
+        for sign, answers in ((1, mis), (-1, al)):
+            for m, a in zip(chats, answers):
+                p = chat_tokens(base, m)
+                ids = p + base.tokenizer(a, add_special_tokens=False)["input_ids"]
+                with torch.no_grad(), steering(base, SteeringPlan.uniform([Intervention(d, "add", eps, raw=True)])):
+                    lp = torch.log_softmax(base.hf_model(torch.tensor([ids])).logits[0, :-1].double(), -1)
+                tgt = torch.tensor(ids[1:])
+                tok_lp = lp.gather(-1, tgt[:, None])[:, 0][len(p) - 1 :]
+                total += sign * float(tok_lp.mean()) / len(chats)
+        return total
+
+    n_tok = sum(len(chat_tokens(base, m)) + len(base.tokenizer(a, add_special_tokens=False)["input_ids"]) - 1 for answers in (mis, al) for m, a in zip(chats, answers))
+    fd = (S(1e-2) - S(-1e-2)) / 2e-2
+    assert abs(float(g @ u) * n_tok - fd) < 1e-3 + 0.02 * abs(fd)

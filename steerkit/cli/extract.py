@@ -87,8 +87,18 @@ def extract_cmd(
                 cs = generate(src, make_rows(chats, n=samples), Sampling(max_new_tokens=answer_tokens, temperature=1.0, seed=seed))
             chats = [c.row.messages for c in cs]
             ans = [c.text for c in cs]
+        grad = None
+        if rank_by == "attribution":
+            from steerkit.generate import Sampling, generate, make_rows
+
+            with err.status("generating answers from both models for the attribution gradient..."):
+                s = Sampling(max_new_tokens=answer_tokens, temperature=1.0, seed=seed)
+                base_chats = _diff_prompts(prompts)
+                mis = [c.text for c in generate(tuned_model, make_rows(base_chats), s)]
+                al = [c.text for c in generate(base_model, make_rows(base_chats), s)]
+                grad = X.misalignment_gradient(base_model, L, base_chats, mis, al)
         with err.status(f"measuring SAE latents on {len(chats)} prompts in both models..."):
-            ex = X.diff_models(base_model, tuned_model, sae_obj, L, chats, answers=ans, tokens=tokens, **kw)  # type: ignore[arg-type]
+            ex = X.diff_models(base_model, tuned_model, sae_obj, L, chats, answers=ans, tokens=tokens, grad=grad, **kw)  # type: ignore[arg-type]
     ex.meta["sae"] = str(sae_path)
     meanings = {r.latent: X.promoted_tokens(base_model, sae_obj, r.latent, 6) for r in ex.top(top)}
     result = ex.to_json(top=top)
