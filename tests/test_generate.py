@@ -179,3 +179,20 @@ def test_bad_sampling_refused():
         Sampling(temperature=float("nan"))
     with pytest.raises(SteerkitError, match="top-p"):
         Sampling(top_p=0)
+
+
+def test_sampler_matches_distribution_and_top_p():
+    from steerkit.generate import _sample
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 4000
+    logits = probs.log().expand(n, 4)
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    got = _sample(logits, Sampling(temperature=1.0), gens)
+    freq = torch.bincount(got, minlength=4).float() / n
+    assert torch.allclose(freq, probs, atol=0.03), freq
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    got = _sample(logits, Sampling(temperature=1.0, top_p=0.7), gens)
+    assert set(got.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; the tail is cut
+    freq = torch.bincount(got, minlength=4).float() / n
+    assert abs(float(freq[0]) - 0.5 / 0.8) < 0.03
