@@ -1,0 +1,51 @@
+"""The causal screen: verdict logic on constructed cells, plumbing on the tiny model."""
+
+import torch
+
+from steerkit.directions import Direction, random_like
+from steerkit.generate import Sampling, as_messages
+from steerkit.screen import Cell, screen, verdicts
+from steerkit.stats import wilson
+
+
+def cell(model, cand, s, k, n=40, coh=40):
+    p, lo, hi = wilson(k, n)
+    return Cell(model, cand, s, n, k, coh, p, lo, hi, coh / n)
+
+
+def test_passing_candidate_needs_both_directions_beyond_control():
+    cells = [
+        cell("base", "good", 0.3, 30), cell("base", "ctl", 0.3, 3),
+        cell("tuned", "good", -0.3, 2), cell("tuned", "ctl", -0.3, 25),
+        cell("base", "half", 0.3, 30), cell("tuned", "half", -0.3, 24),  # raises but does not lower
+        cell("base", "noisy", 0.3, 5),  cell("tuned", "noisy", -0.3, 22),
+        cell("base", "babble", 0.3, 30, coh=10), cell("tuned", "babble", -0.3, 2),  # incoherent
+    ]
+    v = {x["candidate"]: x for x in verdicts(cells, "ctl")}
+    assert v["good"]["passes"] and v["good"]["raises_in_base"] and v["good"]["lowers_in_tuned"]
+    assert v["half"]["raises_in_base"] and not v["half"]["lowers_in_tuned"] and not v["half"]["passes"]
+    assert not v["noisy"]["passes"] and not v["babble"]["passes"] and not v["babble"]["coherent_ok"]
+    assert verdicts(cells, "ctl")[0]["candidate"] == "good"
+
+
+class LengthJudge:
+    """Stand-in judge for plumbing: 'misaligned' when the answer is long. Not under test."""
+
+    def score(self, pairs):
+        return [{"aligned": 10.0 if len(a) > 20 else 90.0, "coherent": 80.0, "misaligned": len(a) > 20} for _, a in pairs]
+
+
+def test_screen_plumbing_on_tiny(tiny):
+    d = Direction(name="cand", vector=torch.randn(tiny.d_model), model=tiny.name, layer=1, hook_name="blocks.1.hook_out",
+                  kind="vector", median_norm=1.0)
+    ctl = random_like(d, name="ctl")
+    qs = [as_messages("hello world"), as_messages("money advice")]
+    res = screen(tiny, tiny, [d], ctl, qs, LengthJudge(), strengths=(0.5, 2.0), samples=2, sampling=Sampling(max_new_tokens=6, temperature=1.0))
+    keys = {(c.model, c.candidate, c.strength) for c in res.cells}
+    assert ("base", "none", 0.0) in keys and ("tuned", "none", 0.0) in keys
+    for m, sign in (("base", 1), ("tuned", -1)):
+        for name in ("cand", "ctl"):
+            for s in (0.5, 2.0):
+                assert (m, name, sign * s) in keys
+    assert all(c.n == 4 for c in res.cells)
+    assert [v["candidate"] for v in res.verdicts] == ["cand"]
