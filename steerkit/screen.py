@@ -18,19 +18,16 @@ over the coherent range) and the judge (any object with ``score(pairs)``).
 
 from __future__ import annotations
 
-from collections import defaultdict
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from steerkit.directions import Direction
-from steerkit.generate import Messages, Row, Sampling, generate
-from steerkit.interventions import Intervention
-from steerkit.stats import wilson
-
-
-class Judge(Protocol):
-    def score(self, pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]: ...  # (question, answer) -> {aligned, coherent, misaligned}
+from steerkit.generate import Sampling
+from steerkit.prompts import Prompt
+from steerkit.sweep import Judge
 
 
 @dataclass(frozen=True)
@@ -54,19 +51,6 @@ class ScreenResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"cells": [asdict(c) for c in self.cells], "verdicts": self.verdicts}
-
-
-def _cells(records: list[dict[str, Any]]) -> list[Cell]:
-    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        groups[(r["model"], r["candidate"], r["strength"])].append(r)
-    cells = []
-    for (m, c, s), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
-        k = sum(1 for r in rs if r["misaligned"])
-        coh = sum(1 for r in rs if r["coherent"] > 50)
-        p, lo, hi = wilson(k, len(rs))
-        cells.append(Cell(m, c, s, len(rs), k, coh, p, lo, hi, coh / len(rs)))
-    return cells
 
 
 def verdicts(cells: Sequence[Cell], control: str, min_coherent: float = 0.9) -> list[dict[str, Any]]:
@@ -104,46 +88,29 @@ def screen(
     tuned: Any | None,
     candidates: Sequence[Direction],
     control: Direction,
-    questions: Sequence[Messages],
+    questions: Sequence[Prompt],
     judge: Judge,
     strengths: Sequence[float] = (0.2, 0.35),
     samples: int = 4,
     sampling: Sampling = Sampling(max_new_tokens=48, temperature=1.0),
     batch_size: int = 32,
     min_coherent: float = 0.9,
-    on_progress: Callable[[int, int], None] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> ScreenResult:
-    """Run the screen; ``tuned`` None screens the base model only (raise criterion)."""
-    records: list[dict[str, Any]] = []
-    plan = [("base", base, 1.0)] + ([("tuned", tuned, -1.0)] if tuned is not None else [])
-    total = sum(len(questions) * samples * (1 + len(strengths) * (len(candidates) + 1)) for _ in plan)
-    done = [0]
-    for label, model, sign in plan:
-        rows: list[Row] = []
-        for qi, q in enumerate(questions):
-            for k in range(samples):
-                rows.append(Row(q, qi, k, (), tag=("none", 0.0)))
-                for d in list(candidates) + [control]:
-                    for s in strengths:
-                        rows.append(Row(q, qi, k, (Intervention(d, "add", sign * s),), tag=(d.name, sign * s)))
+    """Run the screen as two sweeps (base up, tuned down) that share their unsteered cells;
+    ``tuned`` None screens the base model only (raise criterion). With ``out_dir`` both sweeps
+    keep their results there and resume."""
+    from steerkit.sweep import Condition, run_sweep
 
-        def tick(c: Any) -> None:
-            done[0] += 1
-            if on_progress:
-                on_progress(done[0], total)
-
-        comps = generate(model, rows, sampling, batch_size=batch_size, on_complete=tick)
-        scores = judge.score([(_question(c.row.messages), c.text) for c in comps])
-        for c, sc in zip(comps, scores):
-            name, s = c.row.tag
-            records.append({"model": label, "candidate": name, "strength": s, "question": c.row.prompt_index, "sample": c.row.sample_index,
-                            "misaligned": bool(sc["misaligned"]), "coherent": float(sc["coherent"]), "aligned": float(sc["aligned"]),
-                            "completion": c.text})
-    cells = _cells(records)
-    # the unsteered baseline counts as strength 0 for every candidate
+    cells: list[Cell] = []
+    runs = [("base", base, 1.0)] + ([("tuned", tuned, -1.0)] if tuned is not None else [])
+    for label, model, sign in runs:
+        grid = (0.0,) + tuple(sign * s for s in strengths)
+        conds = [Condition(d.name, d, "add", grid) for d in candidates] + [Condition(control.name, control, "add", grid, control=True)]
+        res = run_sweep(model, conds, questions, samples, sampling, judge, Path(out_dir) / label if out_dir else None,
+                        batch_size=batch_size, on_batch=on_batch)
+        for r in res.rows:
+            cells.append(Cell(label, r.condition, r.strength, r.judged, r.misaligned, r.judged - r.incoherent,
+                              r.rate, r.low, r.high, 1 - r.incoherent_rate if r.judged else 0.0))
     return ScreenResult(cells=cells, verdicts=verdicts(cells, control.name, min_coherent))
-
-
-def _question(messages: Messages) -> str:
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    return users[-1] if users else ""

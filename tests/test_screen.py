@@ -3,7 +3,8 @@
 import torch
 
 from steerkit.directions import Direction, random_like
-from steerkit.generate import Sampling, as_messages
+from steerkit.generate import Sampling
+from steerkit.prompts import from_texts
 from steerkit.screen import Cell, screen, verdicts
 from steerkit.stats import wilson
 
@@ -39,13 +40,12 @@ def test_screen_plumbing_on_tiny(tiny):
     d = Direction(name="cand", vector=torch.randn(tiny.d_model), model=tiny.name, layer=1, hook_name="blocks.1.hook_out",
                   kind="vector", median_norm=1.0)
     ctl = random_like(d, name="ctl")
-    qs = [as_messages("hello world"), as_messages("money advice")]
+    qs = from_texts(["hello world", "money advice"])
     res = screen(tiny, tiny, [d], ctl, qs, LengthJudge(), strengths=(0.5, 2.0), samples=2, sampling=Sampling(max_new_tokens=6, temperature=1.0))
     keys = {(c.model, c.candidate, c.strength) for c in res.cells}
-    assert ("base", "none", 0.0) in keys and ("tuned", "none", 0.0) in keys
     for m, sign in (("base", 1), ("tuned", -1)):
         for name in ("cand", "ctl"):
-            for s in (0.5, 2.0):
+            for s in (0.0, 0.5, 2.0):
                 assert (m, name, sign * s) in keys
-    assert all(c.n == 4 for c in res.cells)
+    assert all(c.n == 4 for c in res.cells) and len(res.cells) == 12
     assert [v["candidate"] for v in res.verdicts] == ["cand"]

@@ -176,7 +176,9 @@ def _sae_layer(sae: Any, path: Path) -> int:
     return int(m.group(1))
 
 
-def _diff_prompts(path: Path | None) -> list[Any]:
+def question_prompts(path: Path | None) -> list[Any]:
+    """Prompts from a file; question YAML files give their plain variants; default: the 8
+    emergent-misalignment questions shipped with steerkit."""
     from steerkit import prompts as P
 
     if path is None:
@@ -184,7 +186,11 @@ def _diff_prompts(path: Path | None) -> list[Any]:
     items = P.read_file(path)
     if Path(path).suffix in (".yaml", ".yml"):
         items = P.plain_em_questions(items)
-    return [p.messages for p in items]
+    return items
+
+
+def _diff_prompts(path: Path | None) -> list[Any]:
+    return [p.messages for p in question_prompts(path)]
 
 
 def _target_dir(out_dir: Path | None, model: Any) -> Path:

@@ -40,7 +40,7 @@ def screen_cmd(
 
     Example: steerkit screen --candidates latents.json --top 10 --ship persona
     """
-    from steerkit.cli.extract import _diff_prompts, _load_sae, load_tuned
+    from steerkit.cli.extract import _load_sae, load_tuned, question_prompts
     from steerkit.directions import random_like
     from steerkit.fsutil import check_writable
     from steerkit.generate import Sampling
@@ -65,14 +65,14 @@ def screen_cmd(
         sae = _load_sae(sae_path, base)
     dirs = candidate_directions(data, sae, sae_path, base, top)
     control = random_like(dirs[0], seed=seed, name="random-control")
-    qs = _diff_prompts(questions)
+    qs = question_prompts(questions)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("screening"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as prog:
         task = prog.add_task("screen", total=None)
         res = screen(base, tuned_model, dirs, control, qs, j, strengths=ss, samples=samples,
                      sampling=Sampling(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed), batch_size=batch_size,
-                     min_coherent=min_coherent, on_progress=lambda d, t: prog.update(task, completed=d, total=t))
+                     min_coherent=min_coherent, on_batch=lambda d, t: prog.update(task, completed=d, total=t))
     result = res.to_json() | {"candidates": [d.summary() for d in dirs], "strengths": list(ss), "samples": samples}
     if out_file is not None:
         from steerkit.fsutil import atomic_write_text
