@@ -55,6 +55,7 @@ class Row:
     sample_index: int = 0
     interventions: tuple[Intervention, ...] = ()
     tag: Any = None  # caller's own data, passed through to the Completion
+    sampling: Sampling | None = None  # this row's own sampling (the server's requests); None: the call's
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Completion:
     row: Row
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS) or "length"
+    finish_reason: str  # "stop" (EOS), "length", or "cancelled" (on_token returned False)
     seed: int
     prompt_tokens: int
     logprobs: list[float] | None = None
@@ -127,6 +128,26 @@ def _sample(logits: torch.Tensor, s: Sampling, gens: Sequence[torch.Generator]) 
     return idx[:, 0]
 
 
+def _sample_rows(logits: torch.Tensor, ss: Sequence[Sampling], gens: Sequence[torch.Generator]) -> torch.Tensor:
+    """:func:`_sample` with each row's own temperature and top_p (same numbers row for row)."""
+    dev = logits.device
+    temps = torch.tensor([x.temperature for x in ss], dtype=torch.float32, device=dev)
+    greedy = temps == 0
+    best = logits.argmax(-1)
+    if bool(greedy.all()):
+        return best
+    probs = torch.softmax(logits.float() / torch.where(greedy, 1.0, temps)[:, None], dim=-1)
+    top_p = torch.tensor([x.top_p for x in ss], dtype=torch.float32, device=dev)[:, None]
+    if bool((top_p < 1).any()):
+        sp, si = probs.sort(dim=-1, descending=True)
+        drop = (sp.cumsum(-1) - sp > top_p) & (top_p < 1)
+        probs = torch.zeros_like(probs).scatter(-1, si, sp.masked_fill(drop, 0.0))
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens]).to(dev)
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)
+    return torch.where(greedy, best, idx[:, 0])
+
+
 @dataclass
 class _Batch:
     rows: list[Row]
@@ -138,7 +159,9 @@ class _Batch:
     tops: list[list[list[tuple[int, float]]]] = field(default_factory=list)
 
 
-TokenCallback = Callable[[Row, int, list[int]], None]  # (row, new token id, all tokens so far)
+# (row, new token id, all tokens so far); returning False (not None) ends that row: it leaves
+# the batch with finish_reason "cancelled" (a server's disconnected client, a stop string)
+TokenCallback = Callable[[Row, int, list[int]], "bool | None"]
 
 
 def generate(
@@ -158,6 +181,8 @@ def generate(
     """Generate a completion for every row, ``batch_size`` rows per forward pass.
 
     ``ignore_eos`` always generates ``max_new_tokens`` (for benchmarks that need equal lengths).
+    A row with its own ``Row.sampling`` uses it (temperature, top_p, seed, max_new_tokens)
+    instead of ``sampling``, so requests with different settings can share a batch.
     """
     if positions not in POSITIONS:
         raise SteerkitError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
@@ -167,16 +192,17 @@ def generate(
     prompt_ids = [chat_tokens(model, r.messages) for r in rows]
     limit = model.context_length
     for i, ids in enumerate(prompt_ids):
-        if len(ids) + sampling.max_new_tokens > limit:
+        max_new = (rows[i].sampling or sampling).max_new_tokens
+        if len(ids) + max_new > limit:
             raise SteerkitError(
                 f"prompt {rows[i].prompt_index} has {len(ids)} tokens; with --max-new-tokens "
-                f"{sampling.max_new_tokens} that exceeds the context length {limit}"
+                f"{max_new} that exceeds the context length {limit}"
             )
     # longest prompts first: less padding within a batch
     order = sorted(range(len(rows)), key=lambda i: -len(prompt_ids[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        seeds = [row_seed(sampling.seed, rows[i].prompt_index, rows[i].sample_index) for i in idx]
+        seeds = [row_seed((rows[i].sampling or sampling).seed, rows[i].prompt_index, rows[i].sample_index) for i in idx]
         batch = _Batch(
             rows=[rows[i] for i in idx],
             ids=[prompt_ids[i] for i in idx],
@@ -231,6 +257,9 @@ def _generate_batch(
     finish = ["length"] * B
     alive = list(range(B))  # batch rows still generating, in cache order
     stop_texts = [t for t in stop if t]
+    samp = [r.sampling or s for r in batch.rows]  # per-row sampling (all equal to s unless rows carry their own)
+    max_new = max(x.max_new_tokens for x in samp)
+    uniform = all((x.temperature, x.top_p) == (samp[0].temperature, samp[0].top_p) for x in samp)
 
     with steering(model, plan) as pm:
         pm.mask = prefill_mask
@@ -240,10 +269,17 @@ def _generate_batch(
         logits = o.logits[:, -1]
         cur_attn = attn
         gens = list(batch.gens)
-        for step in range(s.max_new_tokens):
-            if logprobs is not None:
-                lp = torch.log_softmax(logits.float() / (s.temperature or 1.0), dim=-1)
-            nxt = _sample(logits, s, gens)
+        for step in range(max_new):
+            if uniform:
+                if logprobs is not None:
+                    lp = torch.log_softmax(logits.float() / (samp[0].temperature or 1.0), dim=-1)
+                nxt = _sample(logits, samp[0], gens)
+            else:
+                live = [samp[b] for b in alive]
+                if logprobs is not None:
+                    temps = torch.tensor([x.temperature or 1.0 for x in live], device=logits.device)[:, None]
+                    lp = torch.log_softmax(logits.float() / temps, dim=-1)
+                nxt = _sample_rows(logits, live, gens)
             keep: list[int] = []
             for k, b in enumerate(alive):
                 t = int(nxt[k])
@@ -256,13 +292,16 @@ def _generate_batch(
                     finish[b] = "stop"
                     continue
                 out[b].append(t)
-                if on_token is not None:
-                    on_token(batch.rows[b], t, out[b])
+                if on_token is not None and on_token(batch.rows[b], t, out[b]) is False:
+                    finish[b] = "cancelled"
+                    continue
                 if stop_texts and _hit_stop(model, out[b], stop_texts):
                     finish[b] = "stop"
                     continue
+                if len(out[b]) >= samp[b].max_new_tokens:
+                    continue  # finish "length"
                 keep.append(k)
-            if not keep or step == s.max_new_tokens - 1:
+            if not keep or step == max_new - 1:
                 break
             if len(keep) < len(alive):  # compact the batch: finished rows leave the cache
                 sel = torch.tensor(keep, device=dev)
