@@ -99,3 +99,13 @@ def test_random_like_is_a_fair_control(tiny):
     assert torch.equal(random_like(d, seed=1).vector, r.vector)
     assert not torch.equal(random_like(d, seed=2).vector, r.vector)
     assert json.loads(json.dumps(r.provenance))["control_for"] == "persona"
+
+
+def test_written_files_get_normal_permissions(tmp_path, tiny):
+    import os
+    import stat
+
+    p = save_direction(make(tiny), tmp_path / "perm.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask
