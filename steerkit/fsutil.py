@@ -32,9 +32,10 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
     try:
         yield Path(tmp)
+        # mkstemp makes 0600 files (and some writers recreate the file): give the usual mode
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, p)
     finally:
         with contextlib.suppress(FileNotFoundError):
