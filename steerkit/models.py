@@ -278,7 +278,15 @@ def load_model(
     device: str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
-    """Load a model and wrap it in a TransformerBridge. Nothing is downloaded for local specs."""
+    """Load a model and wrap it in a TransformerBridge. Nothing is downloaded for local specs.
+
+    A PEFT adapter folder (has ``adapter_config.json``) loads merged into its base model, named
+    after the base (see :func:`steerkit.finetune.load_tuned`).
+    """
+    if spec is not None and (Path(str(spec)).expanduser() / "adapter_config.json").is_file():
+        from steerkit.finetune import load_tuned
+
+        return load_tuned(spec, device=device, dtype=dtype)
     name, source = resolve_spec(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,482 @@
+"""LoRA fine-tuning on chat JSON Lines, saved as a PEFT adapter; loading tuned models back.
+
+* :func:`read_chats` reads ``{"messages": [...]}`` rows; :func:`encode_chat` renders one with the
+  tokenizer's chat template and labels only the assistant turns (their text and the turn's end
+  token, e.g. ``<|im_end|>``), truncating to ``max_length`` tokens;
+* :func:`train_lora` wraps a plain Hugging Face causal LM in PEFT LoRA adapters on its linear
+  layers and trains them with AdamW (warm-up, then linear decay), reporting loss and tokens/s
+  per step; :func:`save_adapter` writes the PEFT format (``adapter_config.json`` +
+  ``adapter_model.safetensors``) plus ``steerkit-finetune.json`` (how it was made) into a
+  folder, atomically; :func:`finetune` does all three from a model spec;
+* :func:`load_tuned` loads a PEFT adapter folder (merged into a fresh copy of its base model)
+  or a full model folder as a :class:`~steerkit.models.LoadedModel` named after the base
+  model, so directions made for the base apply to it.
+
+Training happens on a fresh, unwrapped HF model: a TransformerBridge replaces the model's
+``nn.Linear`` layers with its own wrappers, which PEFT cannot target.
+
+What it leaves out: full fine-tuning, quantized (QLoRA) training, gradient accumulation,
+packing, multi-turn loss weighting and checkpoints during training (an interrupted run writes
+nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steerkit import __version__
+from steerkit.errors import SteerkitError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+META_FILE = "steerkit-finetune.json"
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IGNORE = -100  # label of tokens that carry no loss
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    rank: int = 8
+    alpha: float | None = None  # None: 2 x rank
+    lr: float = 2e-4
+    epochs: int = 1
+    steps: int | None = None  # overrides epochs
+    batch_size: int = 8
+    max_length: int = 192
+    seed: int = 0
+    limit: int | None = None  # first N rows of the data
+    targets: tuple[str, ...] = LINEAR_TARGETS
+    dropout: float = 0.0
+    warmup: int = 10  # steps of linear warm-up (at most a tenth of the run)
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise SteerkitError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.steps is not None and self.steps < 1:
+            raise SteerkitError(f"--steps must be at least 1, got {self.steps}")
+        if self.limit is not None and self.limit < 1:
+            raise SteerkitError(f"--limit must be at least 1, got {self.limit}")
+        if self.max_length < 8:
+            raise SteerkitError(f"--max-length must be at least 8 tokens, got {self.max_length}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SteerkitError(f"--lr must be a positive number, got {self.lr}")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise SteerkitError(f"--alpha must be a positive number, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise SteerkitError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise SteerkitError("give at least one target module, e.g. q_proj,v_proj")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where no loss; else equal to input_ids
+
+    @property
+    def n_target(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    step: int  # 1-based
+    steps: int
+    loss: float
+    lr: float
+    tokens: int  # tokens processed so far (padding excluded)
+    tokens_per_s: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    model: Any  # the PeftModel
+    history: list[StepStats] = field(default_factory=list)
+    examples: int = 0
+    truncated: int = 0
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.history[-10:]
+        return sum(s.loss for s in tail) / max(len(tail), 1)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def read_chats(path: str | os.PathLike, limit: int | None = None) -> list[Messages]:
+    """Read ``{"messages": [...]}`` JSON Lines; the first ``limit`` rows when given."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SteerkitError(f"data file {p} does not exist")
+    chats: list[Messages] = []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise SteerkitError(f"{p}:{n}: not JSON ({e})") from None
+            msgs = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+                raise SteerkitError(f'{p}:{n}: each line needs {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise SteerkitError(f"{p}:{n}: the chat has no assistant message to learn from")
+            chats.append([{"role": str(m["role"]), "content": str(m["content"])} for m in msgs])
+            if limit is not None and len(chats) >= limit:
+                break
+    if not chats:
+        raise SteerkitError(f"{p} holds no chats")
+    return chats
+
+
+def _render(tok: Any, messages: Messages, gen_prompt: bool) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt)
+
+
+def encode_chat(tok: Any, messages: Messages, max_length: int) -> Example:
+    """Tokenize a chat as its template renders it; label the assistant turns only.
+
+    An assistant turn's labelled span is its content and the template's end-of-turn text up to
+    (not including) trailing whitespace, e.g. ``"Buy options.<|im_end|>"`` without the newline.
+    Sequences longer than ``max_length`` are cut at the end.
+    """
+    text = _render(tok, messages, False)
+    spans: list[tuple[int, int]] = []  # character spans of assistant turns in ``text``
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tok, messages[:i], True) if i else ""
+        upto = _render(tok, messages[: i + 1], False)
+        if not text.startswith(upto) or not upto.startswith(before):
+            raise SteerkitError("the tokenizer's chat template does not render chats prefix by prefix: cannot mask the loss")
+        end = len(upto.rstrip())
+        spans.append((len(before), end))
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [IGNORE] * len(ids)
+    for j, (a, b) in enumerate(enc["offset_mapping"]):
+        if b > a and any(s <= a < e for s, e in spans):
+            labels[j] = ids[j]
+    return Example(ids[:max_length], labels[:max_length])
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest: input_ids, attention_mask, labels, each [batch, pos]."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Index batches, a fresh seeded shuffle each epoch, until ``steps`` batches."""
+    rng = random.Random(seed)
+    out: list[list[int]] = []
+    while len(out) < steps:
+        order = list(range(n))
+        rng.shuffle(order)
+        for i in range(0, n, batch_size):
+            if len(out) == steps:
+                break
+            out.append(order[i : i + batch_size])
+    return out
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def _pad_id(tok: Any) -> int:
+    if tok.pad_token_id is not None:
+        return int(tok.pad_token_id)
+    if tok.eos_token_id is not None:
+        return int(tok.eos_token_id)
+    return 0
+
+
+def _lr_at(step: int, steps: int, cfg: FinetuneConfig) -> float:
+    """Linear warm-up, then linear decay to a tenth of ``lr`` (step is 0-based)."""
+    warm = max(1, min(cfg.warmup, steps // 10))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    frac = (step - warm) / max(1, steps - warm)
+    return cfg.lr * (1.0 - 0.9 * frac)
+
+
+def train_lora(
+    hf_model: torch.nn.Module,
+    tokenizer: Any,
+    chats: Sequence[Messages],
+    cfg: FinetuneConfig,
+    on_step: Callable[[StepStats], None] | None = None,
+) -> TrainResult:
+    """Train LoRA adapters on ``hf_model`` (a plain HF causal LM, not bridge-wrapped).
+
+    Returns the PeftModel (in eval mode) and the per-step history. The embedding and every
+    base weight stay frozen; only the LoRA matrices of ``cfg.targets`` train.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise SteerkitError("fine-tuning needs the peft package: pip install 'steerkit[train]'") from None
+
+    present = {n.rsplit(".", 1)[-1] for n, m in hf_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = [t for t in cfg.targets if t in present]
+    if not targets:
+        raise SteerkitError(
+            f"none of the target modules {', '.join(cfg.targets)} is a Linear layer of this model "
+            f"(it has {', '.join(sorted(present)) or 'none'}): pass a bridge-free HF model and matching --targets"
+        )
+    examples = [encode_chat(tokenizer, c, cfg.max_length) for c in chats]
+    truncated = sum(1 for c, e in zip(chats, examples) if len(e.input_ids) == cfg.max_length)
+    examples = [e for e in examples if e.n_target > 0]
+    if not examples:
+        raise SteerkitError(f"no assistant tokens survive truncation to --max-length {cfg.max_length}: raise it")
+    steps = cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
+
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are initialised at random
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(hf_model, lcfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    result = TrainResult(model=model, examples=len(examples), truncated=truncated)
+    model.train()
+    t0 = time.perf_counter()
+    seen = 0
+    for step, idx in enumerate(_batches(len(examples), cfg.batch_size, steps, cfg.seed)):
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad).items()}
+        lr = _lr_at(step, steps, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = model(**batch).loss  # mean over labelled (assistant) tokens, shifted inside HF
+        if not torch.isfinite(loss):
+            raise SteerkitError(f"the loss became {float(loss)} at step {step + 1}: lower --lr (now {cfg.lr:g})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        seen += int(batch["attention_mask"].sum())
+        dt = time.perf_counter() - t0
+        st = StepStats(step + 1, steps, float(loss.detach()), lr, seen, seen / max(dt, 1e-9), dt)
+        result.history.append(st)
+        if on_step is not None:
+            on_step(st)
+    model.eval()
+    return result
+
+
+# --- saving ------------------------------------------------------------------------------------
+
+
+def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
+    """Refuse an existing ``out`` unless ``force`` (checked before training, not after)."""
+    p = Path(out).expanduser()
+    if p.exists() and not force:
+        raise SteerkitError(f"{p} already exists: pass --force to overwrite it")
+    if p.exists() and not p.is_dir():
+        raise SteerkitError(f"{p} is a file, not a folder: give a folder for the adapter")
+    if p.is_dir() and any(p.iterdir()) and not (p / ADAPTER_CONFIG).is_file():
+        # --force replaces the whole folder: never a folder that is not an adapter
+        raise SteerkitError(f"{p} is a folder that holds no adapter: give a new or adapter folder for --out")
+    return p
+
+
+def save_adapter(peft_model: Any, out: str | os.PathLike, base: str, meta: dict[str, Any] | None = None, force: bool = False) -> Path:
+    """Write the PEFT adapter folder ``out`` atomically (a temporary folder renamed into place).
+
+    ``base`` is recorded as ``base_model_name_or_path``; for a steerkit alias its hub id is
+    written there (so PEFT's ``AutoPeftModelForCausalLM`` finds it) and the alias in
+    ``steerkit-finetune.json`` (:func:`load_tuned` maps the hub id back to the offline alias).
+    """
+    from steerkit.models import ALIASES, canonical_alias
+
+    p = check_out_dir(out, force)
+    alias = canonical_alias(base)
+    recorded = ALIASES[alias].hf_id if alias else base
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.parent / f".{p.name}.tmp{os.getpid()}"
+    old = p.parent / f".{p.name}.old{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for c in peft_model.peft_config.values():
+            c.base_model_name_or_path = recorded
+        peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+        with contextlib.suppress(FileNotFoundError):
+            (tmp / "README.md").unlink()  # PEFT's empty model-card template
+        info = {"steerkit_version": __version__, "base": alias or base, "base_model_name_or_path": recorded, **(meta or {})}
+        (tmp / META_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+        if p.exists():
+            os.replace(p, old)
+        os.replace(tmp, p)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return p
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_hf(spec: str | os.PathLike | None, device: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[str, Any, Any, str]:
+    """A fresh, unwrapped HF model for a spec: (short name, model, tokenizer, source)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steerkit.models import _quiet_transformers, resolve_spec
+
+    name, source = resolve_spec(spec)
+    with _quiet_transformers():
+        try:
+            tok = AutoTokenizer.from_pretrained(source)
+            hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager")
+        except OSError as e:
+            raise SteerkitError(f"could not load model {source}: {str(e).splitlines()[0]}") from e
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    hf.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return name, hf, tok, str(source)
+
+
+def finetune(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: FinetuneConfig = FinetuneConfig(),
+    model: str | None = None,
+    device: str | None = None,
+    force: bool = False,
+    on_step: Callable[[StepStats], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> tuple[Path, TrainResult]:
+    """Fine-tune ``model`` (a spec) on the chats in ``data`` and save the adapter to ``out``.
+
+    ``on_start(examples, steps)`` is called once the data is encoded, before the first step.
+    """
+    check_out_dir(out, force)
+    spec = model or "smollm2-135m"
+    chats = read_chats(data, cfg.limit)
+    name, hf, tok, source = load_hf(spec, device)
+    if on_start is not None:
+        n = len(chats)
+        on_start(n, cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(n / cfg.batch_size))
+    res = train_lora(hf, tok, chats, cfg, on_step)
+    h = res.history
+    meta = {
+        "model": name,
+        "data": Path(data).name,
+        "data_sha256": file_sha256(data),
+        "examples": res.examples,
+        "truncated": res.truncated,
+        "config": {**asdict(cfg), "alpha": cfg.lora_alpha, "targets": list(cfg.targets)},
+        "steps": len(h),
+        "first_loss": round(h[0].loss, 4),
+        "final_loss": round(res.final_loss, 4),
+        "tokens": h[-1].tokens,
+        "seconds": round(h[-1].seconds, 1),
+        "tokens_per_s": round(h[-1].tokens_per_s, 1),
+        "device": str(next(hf.parameters()).device),
+        "torch": torch.__version__,
+    }
+    path = save_adapter(res.model, out, spec, meta, force)
+    return path, res
+
+
+# --- loading tuned models ----------------------------------------------------------------------
+
+
+def is_adapter_dir(spec: str | os.PathLike | None) -> bool:
+    return spec is not None and (Path(str(spec)).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+def _base_spec(recorded: str) -> str:
+    """Map a hub id that one of our aliases embeds back to the (offline) alias."""
+    from steerkit.models import ALIASES, canonical_alias
+
+    if canonical_alias(recorded):
+        return recorded
+    for a in ALIASES.values():
+        if recorded.strip().lower() == a.hf_id.lower():
+            return a.name
+    return recorded
+
+
+def load_tuned(spec: str | os.PathLike, base: str | None = None, device: str | None = None, dtype: torch.dtype = torch.float32) -> Any:
+    """A tuned model as a LoadedModel named after its base (so the base's directions apply).
+
+    ``spec`` is a PEFT LoRA adapter folder (its weights are merged into a fresh copy of the base:
+    ``base``, else the adapter's ``base_model_name_or_path``) or anything
+    :func:`steerkit.models.load_model` takes (a full model folder, .gguf, hub id); then ``base``,
+    when given, only names it.
+    """
+    from steerkit.models import load_model, wrap_model
+
+    if not is_adapter_dir(spec):
+        lm = load_model(spec, device=device, dtype=dtype)
+        if base is not None:
+            lm.name = canonical_name(base)
+        return lm
+    folder = Path(str(spec)).expanduser().resolve()
+    try:
+        acfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except ValueError as e:
+        raise SteerkitError(f"{folder / ADAPTER_CONFIG} is not valid JSON: {e}") from None
+    recorded = acfg.get("base_model_name_or_path")
+    if base is None and not recorded:
+        raise SteerkitError(f"{folder} does not name its base model: pass --base")
+    base_spec = _base_spec(base or recorded)
+    if str(acfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise SteerkitError(f"{folder} is a {acfg.get('peft_type')} adapter: only LoRA adapters can be merged")
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise SteerkitError("loading an adapter needs the peft package: pip install 'steerkit[train]'") from None
+    name, hf, tok, source = load_hf(base_spec, device, dtype)
+    try:
+        merged = PeftModel.from_pretrained(hf, str(folder)).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SteerkitError(f"adapter {folder} does not fit base model {base_spec} ({str(e).splitlines()[0][:200]}): pass the right --base") from e
+    lm = wrap_model(merged, tok, name=name, source=source)
+    lm.source = f"{folder} (LoRA adapter merged into {base_spec})"
+    return lm
+
+
+def canonical_name(spec: str) -> str:
+    """The short model name a spec loads as (for aliases without touching the weights)."""
+    from steerkit.models import canonical_alias, resolve_spec
+
+    alias = canonical_alias(spec)
+    return alias if alias else resolve_spec(spec)[0]
