@@ -35,7 +35,7 @@ PERSONA = "persona"
 @dataclass
 class DemoConfig:
     out_dir: Path
-    samples: int = 6
+    samples: int = 4
     add_strengths: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4)
     sub_strengths: tuple[float, ...] = (-0.2, -0.35)
     max_new_tokens: int = 48

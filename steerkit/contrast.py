@@ -1,0 +1,140 @@
+"""Difference-of-means directions: mean activation on positive inputs minus mean on negative ones.
+
+This is the extraction steering-vectors (mean aggregator), repeng's ``vector.mean_diff`` and
+most contrastive-steering papers share. Inputs are chats (``[{"role", "content"}, ...]``,
+formatted with the model's chat template and its assistant-turn opening, like
+:func:`steerkit.generate.chat_tokens`) or plain strings (tokenized as the tokenizer does by
+default, which is what steering-vectors and repeng do with their strings). Activations are read
+at the output of block ``layer`` (``blocks.{layer}.hook_out``, the same point steering-vectors'
+``decoder_block`` layer ``layer`` reads), in left-padded batches.
+
+What is read from each input (``read_token_index``):
+
+* an ``int``: that token of each sequence, counted over the real tokens (``-1``, the default,
+  is the last token, steering-vectors' default; ``0`` is the attention sink, rarely useful);
+* ``"mean"``: the mean over the sequence's tokens with position 0 (the attention sink, norm
+  ~25,000 on SmolLM2) and padding left out, via :func:`steerkit.activations.stat_mask`. Each
+  input then weighs the same however long it is.
+
+The result is ``mean(positive reads) - mean(negative reads)``; the two sets need not be the same
+size or paired. Not here: PCA/classifier extraction, multi-layer extraction, SAE latents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, Union
+
+import torch
+
+from steerkit.activations import default_norm_chats, median_token_norm, pad_left, residuals, stat_mask
+from steerkit.directions import Direction, from_vector
+from steerkit.errors import SteerkitError
+from steerkit.generate import Messages, chat_tokens
+from steerkit.models import check_layer
+
+Input = Union[Messages, str]
+ReadIndex = Union[int, Literal["mean"]]
+
+
+def input_tokens(model: Any, item: Input) -> list[int]:
+    """Token ids of one input: a chat via the chat template, a string via the tokenizer."""
+    if isinstance(item, str):
+        return list(model.tokenizer(item)["input_ids"])
+    return chat_tokens(model, item)
+
+
+def _check_read_index(read_token_index: ReadIndex) -> None:
+    if read_token_index == "mean":
+        return
+    if isinstance(read_token_index, bool) or not isinstance(read_token_index, int):
+        raise SteerkitError(f"read_token_index must be an int or 'mean', got {read_token_index!r}")
+
+
+@torch.inference_mode()
+def read_activations(
+    model: Any,
+    inputs: Sequence[Input],
+    layer: int,
+    read_token_index: ReadIndex = -1,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """One activation per input at block ``layer``'s output: ``[N, d_model]`` float32 on CPU."""
+    _check_read_index(read_token_index)
+    check_layer(layer, model.n_layers)
+    seqs = [input_tokens(model, x) for x in inputs]
+    for i, s in enumerate(seqs):
+        if not s:
+            raise SteerkitError(f"input {i} has no tokens")
+        if read_token_index == "mean" and len(s) < 2:
+            raise SteerkitError(f"input {i} has one token; 'mean' leaves out position 0 and needs at least two")
+        if isinstance(read_token_index, int) and not -len(s) <= read_token_index < len(s):
+            raise SteerkitError(f"read_token_index {read_token_index} is outside input {i} ({len(s)} tokens)")
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start : start + batch_size]
+        ids, am = pad_left(chunk, model.pad_token_id())  # [B, T]
+        acts = residuals(model, ids, layer, am).cpu()  # [B, T, d]
+        T = ids.shape[1]
+        if read_token_index == "mean":
+            m = stat_mask(am).to(acts.dtype)  # [B, T]
+            out.append((acts * m[..., None]).sum(1) / m.sum(1, keepdim=True))
+        else:
+            lengths = torch.tensor([len(s) for s in chunk])
+            # left padding: real token k of row b sits at T - len_b + k; token -1 at T - 1
+            k = read_token_index if read_token_index >= 0 else lengths + read_token_index
+            pos = T - lengths + k  # [B]
+            out.append(acts[torch.arange(len(chunk)), pos])
+    return torch.cat(out)  # [N, d]
+
+
+def diff_of_means(
+    model: Any,
+    positive_chats: Sequence[Input],
+    negative_chats: Sequence[Input],
+    layer: int,
+    read_token_index: ReadIndex = -1,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """``mean(positive) - mean(negative)`` activations at block ``layer``'s output: ``[d_model]``.
+
+    ``model`` is a :class:`steerkit.models.LoadedModel`; the inputs are chats or strings (see
+    the module docstring); ``read_token_index`` is a token index (``-1``: last token) or
+    ``"mean"`` (mean over tokens, position 0 and padding left out). The vector keeps its raw norm.
+    """
+    if not positive_chats or not negative_chats:
+        raise SteerkitError("difference of means needs at least one positive and one negative input")
+    pos = read_activations(model, positive_chats, layer, read_token_index, batch_size)
+    neg = read_activations(model, negative_chats, layer, read_token_index, batch_size)
+    return pos.mean(0) - neg.mean(0)
+
+
+def diff_of_means_direction(
+    model: Any,
+    positive_chats: Sequence[Input],
+    negative_chats: Sequence[Input],
+    layer: int,
+    *,
+    name: str,
+    read_token_index: ReadIndex = -1,
+    norm_chats: Sequence[Messages] | None = None,
+    description: str = "",
+    batch_size: int = 16,
+) -> Direction:
+    """A ``diff-of-means`` :class:`Direction`: the unit difference of means, with the layer's
+    median token norm (over ``norm_chats``, default :func:`steerkit.activations.default_norm_chats`)
+    as its strength unit. Provenance records the counts, read index, raw norm and norm prompts."""
+    v = diff_of_means(model, positive_chats, negative_chats, layer, read_token_index, batch_size)
+    if float(v.norm()) == 0:
+        raise SteerkitError("positive and negative inputs give identical mean activations: no direction")
+    chats = list(norm_chats) if norm_chats is not None else default_norm_chats()
+    med = median_token_norm(model, chats, layer, batch_size)
+    prov = {
+        "method": "diff-of-means",
+        "n_positive": len(positive_chats),
+        "n_negative": len(negative_chats),
+        "read_token_index": read_token_index,
+        "raw_norm": float(v.norm()),
+        "norm_prompts": "default" if norm_chats is None else len(chats),
+    }
+    return from_vector(v, name=name, model=model, layer=layer, kind="diff-of-means", median_norm=med, description=description, provenance=prov)
