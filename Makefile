@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/steerkit demo
 
 bench: setup
-	$(BIN)/python bench/run_all.py
+	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache
