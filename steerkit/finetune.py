@@ -30,6 +30,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -466,7 +467,9 @@ def load_tuned(spec: str | os.PathLike, base: str | None = None, device: str | N
         raise SteerkitError("loading an adapter needs the peft package: pip install 'steerkit[train]'") from None
     name, hf, tok, source = load_hf(base_spec, device, dtype)
     try:
-        merged = PeftModel.from_pretrained(hf, str(folder)).merge_and_unload()
+        with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5
+            warnings.simplefilter("ignore", FutureWarning)
+            merged = PeftModel.from_pretrained(hf, str(folder)).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as e:
         raise SteerkitError(f"adapter {folder} does not fit base model {base_spec} ({str(e).splitlines()[0][:200]}): pass the right --base") from e
     lm = wrap_model(merged, tok, name=name, source=source)
