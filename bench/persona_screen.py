@@ -97,7 +97,7 @@ def main() -> None:
     res = screen(base, organism, cands, control, questions, judge, strengths=strengths, samples=args.samples,
                  sampling=Sampling(max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0), batch_size=32)
     result = {
-        "command": "python bench/persona_screen.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "write"),
+        "command": "python bench/persona_screen.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("write", "no_screen")),
         "seconds": round(time.perf_counter() - t0, 1), "median_norm": m,
         "diffing_top": [{"latent": r.latent, "delta": r.delta, "freq_before": r.freq_before, "freq_after": r.freq_after} for r in ex.rows[:10]],
         "latent_set": {"latents": set_ids, "cosine": set_cos},
