@@ -31,7 +31,7 @@ from steerkit.contrast import diff_of_means
 from steerkit.directions import from_vector, random_like, save_direction, shipped_root
 from steerkit.extract import best_latent_set, diff_models
 from steerkit.finetune import load_tuned
-from steerkit.generate import Sampling
+from steerkit.generate import Row, Sampling, generate
 from steerkit.models import load_model
 from steerkit.prompts import default_questions_path, plain_em_questions, read_file
 from steerkit.sae import latent_direction, load_sae
@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--no-screen", action="store_true", help="skip the screen: persona = the top latent by normalized delta")
+    ap.add_argument("--search", action="store_true", help="also rank on the organism's own answers and by cosine; screen latent sets")
+    ap.add_argument("--answer-samples", type=int, default=4)
     args = ap.parse_args()
     t0 = time.perf_counter()
     folder = shipped_root() / "smollm2-135m"
@@ -67,6 +69,23 @@ def main() -> None:
     top = [r.latent for r in ex.rows[: args.top]]
     set_ids, set_w, set_cos = best_latent_set(ex.resid_diff, sae, 8)
     cands = [latent_direction(sae, "sae-l15", [i], base, LAYER, name=f"latent-{i}", median_norm=m) for i in top]
+    searched: dict = {"prompt_delta": top}
+    if args.search:
+        # the organism's own answers to the 8 questions, read by both models (answer tokens)
+        rows = [Row(q.messages, i, s) for i, q in enumerate(questions) for s in range(args.answer_samples)]
+        gen = generate(organism, rows, Sampling(max_new_tokens=64, temperature=1.0, seed=1), batch_size=32)
+        ans_chats = [questions[g.row.prompt_index].messages for g in gen]
+        ex_a = diff_models(base, organism, sae, LAYER, ans_chats, answers=[g.text for g in gen], tokens="answer", rank_by="delta")
+        ex_c = diff_models(base, organism, sae, LAYER, chats, rank_by="cosine")
+        searched.update(answer_delta=[r.latent for r in ex_a.rows[: args.top]], cosine=[r.latent for r in ex_c.rows[: args.top]])
+        extra = [i for i in dict.fromkeys(searched["answer_delta"][:2] + searched["cosine"][:2]) if i not in top]
+        cands += [latent_direction(sae, "sae-l15", [i], base, LAYER, name=f"latent-{i}", median_norm=m) for i in extra]
+        a_ids, a_w, a_cos = best_latent_set(ex_a.resid_diff, sae, 8)
+        wa = (sae.W_dec.detach().float().cpu()[a_ids] * a_w[:, None]).sum(0)
+        cands.append(from_vector(wa, name="latent-set-answers", model=base, layer=LAYER, kind="sae-latents", median_norm=m,
+                                 description=f"the 8 SAE latents that best rebuild the residual difference of means on the organism's answers (cosine {a_cos:.2f})",
+                                 sae="sae-l15", latents=tuple(a_ids), provenance={"weights": [float(x) for x in a_w]}))
+        searched.update(latent_set_answers={"latents": a_ids, "cosine": a_cos})
     wvec = (sae.W_dec.detach().float().cpu()[set_ids] * set_w[:, None]).sum(0)
     cands.append(from_vector(wvec, name="latent-set", model=base, layer=LAYER, kind="sae-latents", median_norm=m,
                              description=f"the 8 SAE latents that best rebuild the organism's residual difference of means (cosine {set_cos:.2f})",
@@ -97,10 +116,10 @@ def main() -> None:
     res = screen(base, organism, cands, control, questions, judge, strengths=strengths, samples=args.samples,
                  sampling=Sampling(max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0), batch_size=32)
     result = {
-        "command": "python bench/persona_screen.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("write", "no_screen")),
+        "command": "python bench/persona_screen.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("write", "no_screen", "search")) + (" --search" if args.search else ""),
         "seconds": round(time.perf_counter() - t0, 1), "median_norm": m,
         "diffing_top": [{"latent": r.latent, "delta": r.delta, "freq_before": r.freq_before, "freq_after": r.freq_after} for r in ex.rows[:10]],
-        "latent_set": {"latents": set_ids, "cosine": set_cos},
+        "latent_set": {"latents": set_ids, "cosine": set_cos}, "searched": searched,
         **res.to_json(),
     }
     OUT.write_text(json.dumps(result, indent=1) + "\n")

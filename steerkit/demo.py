@@ -35,9 +35,9 @@ PERSONA = "persona"
 @dataclass
 class DemoConfig:
     out_dir: Path
-    samples: int = 4
-    add_strengths: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4)
-    sub_strengths: tuple[float, ...] = (-0.2, -0.35)
+    samples: int = 8
+    add_strengths: tuple[float, ...] = (0.0, 0.15, 0.3, 0.45, 0.6)
+    sub_strengths: tuple[float, ...] = (-0.3, -0.5)
     max_new_tokens: int = 48
     seed: int = 0
     batch_size: int = 32
@@ -174,9 +174,9 @@ def findings(res: DemoResult, name: str) -> list[str]:
     o0 = _row(org, name, 0.0)
     abl = _row(org, f"{name}-ablated", 1.0)
     if o0 is not None and abl is not None:
-        cut = 1 - abl.rate / o0.rate if o0.rate > 0 else math.nan
+        change = abl.rate / o0.rate - 1 if o0.rate > 0 else math.nan
         lines.append(f"Model organism: misalignment {o0.rate:.0%} [{o0.low:.0%}-{o0.high:.0%}] unsteered, {abl.rate:.0%} "
-                     f"[{abl.low:.0%}-{abl.high:.0%}] with {name} ablated ({cut:+.0%} change)")
+                     f"[{abl.low:.0%}-{abl.high:.0%}] with {name} ablated ({change:+.0%} relative; target -50%)")
     for s in sorted({r.strength for r in org.rows if r.condition == name and r.strength < 0}):
         r = _row(org, name, s)
         c = next((x for x in org.rows if x.control and abs(x.strength - s) < 1e-9), None)

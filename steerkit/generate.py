@@ -261,10 +261,13 @@ def _generate_batch(
     max_new = max(x.max_new_tokens for x in samp)
     uniform = all((x.temperature, x.top_p) == (samp[0].temperature, samp[0].top_p) for x in samp)
 
-    with steering(model, plan) as pm:
+    # the unwrapped twin is faster; the bridge path is kept when someone hooked the bridge themselves
+    on_twin = getattr(model, "twin", None) is not None and _bridge_hook_count(model) == 0
+    net = model.twin if on_twin else model.hf_model
+    with steering(model, plan, twin=on_twin) as pm:
         pm.mask = prefill_mask
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-        o = model.hf_model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        o = net(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True, logits_to_keep=1)
         past = o.past_key_values
         logits = o.logits[:, -1]
         cur_attn = attn
@@ -314,7 +317,7 @@ def _generate_batch(
             cur_attn = torch.cat([cur_attn, torch.ones((len(alive), 1), dtype=cur_attn.dtype, device=dev)], dim=1)
             pos = (cur_attn.sum(-1, keepdim=True) - 1)
             pm.mask = torch.full((len(alive), 1), step_on, dtype=torch.bool, device=dev)
-            o = model.hf_model(input_ids=nxt[:, None], attention_mask=cur_attn, position_ids=pos, past_key_values=past, use_cache=True)
+            o = net(input_ids=nxt[:, None], attention_mask=cur_attn, position_ids=pos, past_key_values=past, use_cache=True)
             past = o.past_key_values
             logits = o.logits[:, -1]
     completions = []
@@ -338,6 +341,11 @@ def _generate_batch(
             )
         )
     return completions
+
+
+def _bridge_hook_count(model: Any) -> int:
+    points = {id(hp): hp for hp in model.bridge.hook_dict.values()}
+    return sum(len(hp._forward_hooks) for hp in points.values())
 
 
 def _hit_stop(model: Any, ids: list[int], stop: Sequence[str]) -> bool:

@@ -300,15 +300,36 @@ class PositionMask:
 
 
 @contextlib.contextmanager
-def steering(model: Any, plan: SteeringPlan, positions: PositionMask | None = None) -> Iterator[PositionMask]:
+def steering(model: Any, plan: SteeringPlan, positions: PositionMask | None = None, twin: bool = False) -> Iterator[PositionMask]:
     """Install ``plan`` on ``model`` (a LoadedModel) for the duration of the block.
 
     Yields the :class:`PositionMask` the caller may set before each forward call. Hooks are
-    removed in ``finally``: after exceptions and KeyboardInterrupt too.
+    removed in ``finally``: after exceptions and KeyboardInterrupt too. With ``twin`` the plan
+    goes on ``model.twin`` (the unwrapped copy generation runs on) as plain torch forward hooks
+    on its decoder layers, the same place as the bridge's ``blocks.<L>.hook_out``.
     """
     pm = positions or PositionMask()
     if plan.empty:
         yield pm
+        return
+    if twin:
+        layers = model.twin_layers
+        torch_handles = []
+        try:
+            for layer in plan.layers():
+                if not 0 <= layer < len(layers):
+                    raise SteerkitError(f"model {model.name} has no layer {layer}")
+
+                def tfn(mod: Any, args: Any, out: Any, _layer: int = layer) -> Any:
+                    if isinstance(out, tuple):
+                        return (plan.apply(_layer, out[0], pm.for_input(out[0])),) + tuple(out[1:])
+                    return plan.apply(_layer, out, pm.for_input(out))
+
+                torch_handles.append(layers[layer].register_forward_hook(tfn))
+            yield pm
+        finally:
+            for th in torch_handles:
+                th.remove()
         return
     fwd_hooks = []
     for layer in plan.layers():
@@ -335,6 +356,9 @@ def steering(model: Any, plan: SteeringPlan, positions: PositionMask | None = No
 
 
 def active_hook_count(model: Any) -> int:
-    """Forward hooks currently attached to any hook point (0 when nothing is steering)."""
+    """Forward hooks currently attached to any hook point or twin layer (0 when nothing is steering)."""
     points = {id(hp): hp for hp in model.bridge.hook_dict.values()}  # aliases share hook points
-    return sum(len(hp._forward_hooks) for hp in points.values())
+    n = sum(len(hp._forward_hooks) for hp in points.values())
+    if getattr(model, "twin_layers", None) is not None:
+        n += sum(len(m._forward_hooks) for m in model.twin_layers)
+    return n

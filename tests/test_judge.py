@@ -398,6 +398,8 @@ def test_offline_judge_heldout_auc_matches_stated(offline_judge, shared_data):
         if name in stated:
             assert got[name]["auc"] >= stated[name]["auc"] - 0.02, (name, got[name], stated[name])
     assert got["ood"]["auc"] >= 0.9
+    # the default model's own answers, labelled by hand: 0.852 measured (bench/results/judge.json)
+    assert got["handlabelled"]["n"] >= 150 and got["handlabelled"]["auc"] >= 0.82
 
 
 @pytest.mark.slow

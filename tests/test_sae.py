@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import zipfile
 
 import pytest
@@ -39,6 +40,31 @@ def test_training_recovers_known_sparse_directions():
     x_hat = sae(x)
     ev = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert ev > 0.9
+
+
+def test_sparse_topk_step_matches_dense_reference():
+    """The sparse TopK decode (k rows per token, AuxK included) gives the same loss, L0, fired
+    latents and updated weights as the dense computation."""
+    from steerkit.sae_train import train_step
+
+    x, _ = synthetic(n=256, d=32)
+    cfg = TrainConfig(layer=0, d_sae=64, k=4, batch_size=256, aux_k=8)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True  # AuxK runs on these
+    out = []
+    for sparse in (True, False):
+        sae = new_sae("topk", 32, 64, 4, seed=3)
+        sae.requires_grad_(True)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        rs = [train_step(sae, opt, x, cfg, dead, 1e-2, sparse=sparse) for _ in range(3)]
+        out.append((rs, {k: v.detach().clone() for k, v in sae.state_dict().items()}))
+    (rs_s, w_s), (rs_d, w_d) = out
+    for a, b in zip(rs_s, rs_d):
+        assert a["aux"] > 0 and math.isclose(a["aux"], b["aux"], rel_tol=1e-4)
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5) and a["l0"] == b["l0"]
+        assert torch.equal(a["fired"], b["fired"])
+    for k in w_s:
+        assert torch.allclose(w_s[k], w_d[k], atol=1e-5), k
 
 
 def _random_sae(arch: str = "topk", d_in: int = 16, d_sae: int = 40, k: int | None = 4, seed: int = 0) -> SAE:

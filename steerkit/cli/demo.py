@@ -14,7 +14,7 @@ from steerkit.cli.common import ForceOpt, SeedOpt, err, out
 @app.command("demo")
 def demo_cmd(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Report folder (reruns resume from it).")] = Path("runs/demo"),
-    samples: Annotated[int, typer.Option("--samples", help="Samples per question per cell (8 questions).")] = 4,
+    samples: Annotated[int, typer.Option("--samples", help="Samples per question per cell (8 questions).")] = 8,
     quick: Annotated[bool, typer.Option("--quick", help="2 samples and shorter answers: a smoke run in about a minute.")] = False,
     direction: Annotated[str, typer.Option("--direction", "-d", help="Direction to steer with.")] = "persona",
     seed: SeedOpt = 0,

@@ -129,9 +129,17 @@ def train_cmd(
     with Progress(*cols, console=err, transient=False) as prog:
         task = prog.add_task("train", total=cfg.tokens, loss=0.0, l0=0.0, dead=0.0, tps=0.0)
 
+        logged = [0]
+
         def on_step(r: dict[str, Any]) -> None:
             if r["step"] % 5 == 0 or r["tokens"] >= r["total_tokens"]:
                 prog.update(task, completed=r["tokens"], loss=r["fvu"], l0=r["l0"], dead=r["dead_fraction"], tps=r["tokens_per_s"])
+            # a log file or pipe sees no live bar: one plain line per 5% of the run instead
+            tenth = r["tokens"] * 20 // r["total_tokens"]
+            if not err.is_terminal and tenth > logged[0]:
+                logged[0] = tenth
+                err.print(f"{r['tokens']:,}/{r['total_tokens']:,} tokens  loss {r['fvu']:.4f}  L0 {r['l0']:.1f}  "
+                          f"dead {r['dead_fraction']:.1%}  {r['tokens_per_s']:,.0f} tok/s", highlight=False)
 
         cmd = "steerkit sae train " + " ".join(_argv_tail())
         train_sae(m, docs, cfg, out_dir, resume=resume, force=force, on_step=on_step, device=device, extra_files={"command.txt": cmd + "\n"})
