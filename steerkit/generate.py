@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from steerkit.errors import SteerkitError
-from steerkit.interventions import POSITIONS, Intervention, Positions, SteeringPlan, steering
+from steerkit.interventions import POSITIONS, Intervention, Positions, SteeringPlan, bridge_hook_count, steering
 
 Messages = list[dict[str, str]]
 
@@ -262,7 +262,7 @@ def _generate_batch(
     uniform = all((x.temperature, x.top_p) == (samp[0].temperature, samp[0].top_p) for x in samp)
 
     # the unwrapped twin is faster; the bridge path is kept when someone hooked the bridge themselves
-    on_twin = getattr(model, "twin", None) is not None and _bridge_hook_count(model) == 0
+    on_twin = getattr(model, "twin", None) is not None and bridge_hook_count(model) == 0
     net = model.twin if on_twin else model.hf_model
     with steering(model, plan, twin=on_twin) as pm:
         pm.mask = prefill_mask
@@ -341,11 +341,6 @@ def _generate_batch(
             )
         )
     return completions
-
-
-def _bridge_hook_count(model: Any) -> int:
-    points = {id(hp): hp for hp in model.bridge.hook_dict.values()}
-    return sum(len(hp._forward_hooks) for hp in points.values())
 
 
 def _hit_stop(model: Any, ids: list[int], stop: Sequence[str]) -> bool:

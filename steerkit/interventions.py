@@ -355,10 +355,15 @@ def steering(model: Any, plan: SteeringPlan, positions: PositionMask | None = No
                 hp.fwd_hooks.remove(h)
 
 
+def bridge_hook_count(model: Any) -> int:
+    """Forward hooks currently attached to the bridge's hook points."""
+    points = {id(hp): hp for hp in model.bridge.hook_dict.values()}  # aliases share hook points
+    return sum(len(hp._forward_hooks) for hp in points.values())
+
+
 def active_hook_count(model: Any) -> int:
     """Forward hooks currently attached to any hook point or twin layer (0 when nothing is steering)."""
-    points = {id(hp): hp for hp in model.bridge.hook_dict.values()}  # aliases share hook points
-    n = sum(len(hp._forward_hooks) for hp in points.values())
+    n = bridge_hook_count(model)
     if getattr(model, "twin_layers", None) is not None:
         n += sum(len(m._forward_hooks) for m in model.twin_layers)
     return n
