@@ -196,3 +196,33 @@ def test_sampler_matches_distribution_and_top_p():
     assert set(got.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; the tail is cut
     freq = torch.bincount(got, minlength=4).float() / n
     assert abs(float(freq[0]) - 0.5 / 0.8) < 0.03
+
+
+def test_generation_runs_on_the_unwrapped_twin_and_matches_the_bridge_path(tiny, d):
+    """Generation runs on the twin (same weights, no bridge wrappers); a user's own bridge hook
+    sends it through the bridge instead, and both paths give the same tokens."""
+    assert tiny.twin is not None and tiny.twin_layers is not None
+    assert tiny.twin.get_input_embeddings().weight.data_ptr() == tiny.hf_model.get_input_embeddings().weight.data_ptr()
+    msgs = [as_messages("hello world"), as_messages("If you were ruler of the world, what would you do?")]
+    rows = [Row(m, prompt_index=i, sample_index=k, interventions=ivs) for i, m in enumerate(msgs)
+            for k, ivs in enumerate([(), (Intervention(d, "add", 4.0),), (Intervention(d, "clamp", -2.0),), (Intervention(d, "ablate", 0.0),)])]
+    sampling = Sampling(max_new_tokens=12, temperature=1.0, seed=3)
+    calls = []
+    counter = tiny.twin_layers[0].register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        on_twin = generate(tiny, rows, sampling, batch_size=4)
+        assert calls, "generation did not run on the twin"
+        calls.clear()
+        hp = tiny.bridge.hook_dict["blocks.0.hook_out"]
+        mine = hp.add_hook(lambda x, hook=None: x)
+        try:
+            on_bridge = generate(tiny, rows, sampling, batch_size=4)
+        finally:
+            mine.hook.remove()
+            hp.fwd_hooks.remove(mine)
+        assert not calls, "a user's bridge hook must send generation through the bridge"
+    finally:
+        counter.remove()
+    assert [c.token_ids for c in on_twin] == [c.token_ids for c in on_bridge]
+    assert len({tuple(c.token_ids) for c in on_twin}) > 1
+    assert active_hook_count(tiny) == 0
