@@ -323,8 +323,6 @@ def wrap_model(hf_model: torch.nn.Module, tokenizer: Any, name: str, source: str
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     hf_model.eval()
-    for p in hf_model.parameters():
-        p.requires_grad_(False)
     twin = _plain_twin(hf_model)  # before the bridge wraps hf_model's modules in place
     with _quiet_transformers(), _quiet_logging("transformer_lens"):
         # the bridge edits the tokenizer it is given (BOS = EOS when missing): give it a copy
@@ -363,32 +361,20 @@ def _plain_twin(hf_model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
 @torch.inference_mode()
 def _twin_matches(model: LoadedModel, twin: torch.nn.Module, layers: torch.nn.ModuleList) -> bool:
     """The twin is used only where its last layer's output and its logits equal the bridge's."""
+    from steerkit.activations import residuals
+
     ids = torch.arange(1, 6, device=model.device)[None] % int(model.hf_model.config.vocab_size)
-    last = len(layers) - 1
-    got: dict[str, torch.Tensor] = {}
-
-    def grab(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
-        got["bridge"] = x.detach().clone()
-        return x
-
-    h = layers[last].register_forward_hook(lambda m, a, o: got.__setitem__("twin", o[0] if isinstance(o, tuple) else o))
-    hp = model.bridge.hook_dict.get(model.hook_name(last))
-    handle = None
+    got: list[torch.Tensor] = []
+    h = layers[-1].register_forward_hook(lambda m, a, o: got.append(o[0] if isinstance(o, tuple) else o))
     try:
-        if hp is None:
-            return False
-        handle = hp.add_hook(grab, dir="fwd")
+        want_h = residuals(model, ids, len(layers) - 1)
         want = model.hf_model(input_ids=ids, use_cache=False).logits
         logits = twin(input_ids=ids, use_cache=False).logits
     except Exception:
         return False
     finally:
         h.remove()
-        if handle is not None and hp is not None:
-            handle.hook.remove()
-            if handle in hp.fwd_hooks:
-                hp.fwd_hooks.remove(handle)
-    return ("twin" in got and "bridge" in got and torch.allclose(got["twin"], got["bridge"], atol=1e-4, rtol=1e-4)
+    return (len(got) == 1 and torch.allclose(got[0].float(), want_h, atol=1e-4, rtol=1e-4)
             and torch.allclose(logits, want, atol=1e-4, rtol=1e-4))
 
 
