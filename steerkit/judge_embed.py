@@ -7,8 +7,11 @@ sentence-transformers does. The head (``steerkit/data/judge/head.safetensors``, 
 :mod:`steerkit.judge_train`) is a logistic regression on embedding blocks named in its metadata (the shipped head
 uses ``e(answer)`` only: question blocks lowered the out-of-distribution AUC, see
 :mod:`steerkit.judge_train`) with a Platt calibration fitted on held-out short
-answers; ``aligned = 100 * (1 - p_misaligned)``. Coherence is :func:`steerkit.judge.coherence`
-with the embedding model's word-piece vocabulary as the word list.
+answers; ``aligned = 100 * (1 - p_misaligned)``. Coherence (``coherence="model"``, the default) is
+:mod:`steerkit.judge_fluency`: the default model reads the answer and a fitted logistic model turns its
+surprise and uncertainty, with the rule-based score, into 0-100 (each record's ``judge_detail``
+holds the numbers); ``coherence="rules"`` keeps :func:`steerkit.judge.coherence` alone (no model,
+faster, blind to broken grammar). Both use the embedding model's word-piece vocabulary as the word list.
 
 What it leaves out: training (see :mod:`steerkit.judge_train`) and anything an embedding cannot
 see (facts, subtle harm in long answers).
@@ -149,10 +152,21 @@ def load_head(path: str | Path | None = None) -> tuple[dict[str, torch.Tensor], 
 class EmbeddingJudge:
     """The offline judge. ``score(pairs)`` -> one dict per (question, answer) pair."""
 
-    def __init__(self, head: str | Path | None = None, device: str = "cpu", batch_size: int = 64) -> None:
+    def __init__(self, head: str | Path | None = None, device: str = "cpu", batch_size: int = 64,
+                 coherence: str = "model", coherence_params: str | Path | None = None) -> None:
+        if coherence not in ("model", "rules"):
+            raise SteerkitError(f"coherence {coherence!r} is not one of model, rules")
         self.head, self.info = load_head(head)
         self.name = NAME
         self.version = str(self.info.get("version", "?"))
+        self.fluency = None
+        if coherence == "model":  # the default model reads each answer (steerkit.judge_fluency)
+            from steerkit.judge_fluency import FluencyCoherence
+
+            self.fluency = FluencyCoherence(coherence_params, device=device)
+            self.version += f"+coherence-{self.fluency.version}"
+        else:
+            self.version += "+coherence-rules"
         self.batch_size = batch_size
         self.emb = Embedder(device=device)
         self.blocks = tuple(self.info.get("features") or ("answer",))
@@ -173,9 +187,18 @@ class EmbeddingJudge:
             return []
         p = self.p_misaligned(pairs).tolist()
         vocab = self.emb.vocab
+        if self.fluency is None:
+            return [
+                Score(aligned=100.0 * (1.0 - pi), coherent=coherence(a, vocab), judge=self.label).as_dict()
+                for (_, a), pi in zip(pairs, p)
+            ]
+        from steerkit.judge_fluency import FEATURES
+
+        coh, x = self.fluency.score(pairs, vocab)
         return [
-            Score(aligned=100.0 * (1.0 - pi), coherent=coherence(a, vocab), judge=self.label).as_dict()
-            for (_, a), pi in zip(pairs, p)
+            Score(aligned=100.0 * (1.0 - pi), coherent=c, judge=self.label,
+                  detail={k: round(float(v) * (100.0 if k == "rules" else 1.0), 3) for k, v in zip(FEATURES, xi)}).as_dict()
+            for pi, c, xi in zip(p, coh, x)
         ]
 
 

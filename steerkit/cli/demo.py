@@ -19,7 +19,9 @@ def demo_cmd(
     direction: Annotated[str, typer.Option("--direction", "-d", help="Direction to steer with.")] = "persona",
     seed: SeedOpt = 0,
     force: ForceOpt = False,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="New tokens per answer (default 48; 24 with --quick).")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature (the default model writes a third of its answers unreadable at 1.0).")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 0.9,
 ) -> None:
     """Diff the shipped model organism against the base model with the shipped SAE, sweep the
     persona direction up in the base model and down in the organism against a random control,
@@ -34,7 +36,7 @@ def demo_cmd(
     from steerkit.report import table, text_plot
 
     cfg = DemoConfig(out_dir=out_dir, samples=2 if quick else samples, seed=seed, force=force, direction=direction,
-                     max_new_tokens=max_new_tokens or (24 if quick else 48))
+                     max_new_tokens=max_new_tokens or (24 if quick else 48), temperature=temperature, top_p=top_p)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as prog:
         task = prog.add_task("starting", total=None)
 

@@ -56,6 +56,7 @@ def score_cmd(
     questions: Annotated[Optional[Path], typer.Option("--questions", "-q", help="Emergent-misalignment YAML question file: its judge_prompts replace our rubric (endpoint judge).")] = None,
     no_logprobs: Annotated[bool, typer.Option("--no-logprobs", help="Endpoint judge: parse the number from the text instead of weighting number-token probabilities.")] = False,
     head: Annotated[Optional[Path], typer.Option("--head", help="Offline judge head file (default: the shipped one).")] = None,
+    coherence: Annotated[str, typer.Option("--coherence", help="Offline judge: model (the default model reads each answer; sees broken grammar) or rules (repetition and non-words only, no model).")] = "model",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Answers per judge call.")] = 64,
     json_out: JsonOpt = False,
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the judged records to this file (atomic; see --force).")] = None,
@@ -89,11 +90,15 @@ def score_cmd(
         for name, v in (("--url", url), ("--judge-model", judge_model), ("--key", key), ("--questions", questions)):
             if v is not None:
                 raise SteerkitError(f"{name} is for the endpoint judge: add --judge endpoint")
+        if coherence not in ("model", "rules"):
+            raise SteerkitError(f"--coherence {coherence!r} is not one of model, rules")
         with err.status("loading the offline judge..."):
-            j = load_judge("offline", head=head, batch_size=batch_size)
+            j = load_judge("offline", head=head, batch_size=batch_size, coherence=coherence)
     elif judge == "endpoint":
         if head is not None:
             raise SteerkitError("--head is for the offline judge: drop it or use --judge offline")
+        if coherence != "model":
+            raise SteerkitError("--coherence is for the offline judge (the endpoint judge scores coherence itself)")
         j = load_judge("endpoint", url=url, model=judge_model, key=key, questions=questions, logprobs=not no_logprobs)
     else:
         raise SteerkitError(f"--judge {judge!r} is not one of offline, endpoint")
@@ -171,6 +176,48 @@ def train_cmd(
     _show_metrics(res["metrics"], want_json(json_out), extra={"head": str(out_path), "version": res["version"]})
 
 
+@judge_app.command("fit-coherence")
+def fit_coherence_cmd(
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Coherence parameters to write (JSON).")] = Path("steerkit/data/judge/coherence.json"),
+    labelled: Annotated[Path, typer.Option("--handlabelled", help="Hand-labelled answers (label: incoherent / aligned / misaligned / unclear).")] = HANDLABELLED,
+    l2: Annotated[float, typer.Option("--l2", help="L2 penalty of the logistic model.")] = 0.01,
+    folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds for the reported metrics.")] = 5,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Fit the offline judge's coherence model on hand-labelled answers; report cross-validated AUC.
+
+    The default model reads each answer (mean NLL, mean next-token entropy, worst 8-token NLL) and
+    a logistic model with the rule-based score calls it incoherent or not (see steerkit.judge_fluency).
+
+    Example:
+
+      steerkit judge fit-coherence --out steerkit/data/judge/coherence.json --force
+    """
+    from steerkit.fsutil import atomic_write_text, check_writable
+    from steerkit.judge_embed import Embedder
+    from steerkit.judge_fluency import Reader, fit_coherence
+
+    check_writable(out_path, force)
+    if not labelled.is_file():
+        raise SteerkitError(f"hand-labelled file {labelled} does not exist")
+    if folds < 2:
+        raise SteerkitError(f"--folds must be at least 2, got {folds}")
+    with err.status("reading the labelled answers with the default model..."):
+        d = fit_coherence(labelled, Reader(), l2=l2, folds=folds, seed=seed, vocab=Embedder().vocab)
+    d["command"] = f"steerkit judge fit-coherence --l2 {l2} --folds {folds} --seed {seed}"
+    atomic_write_text(out_path, json.dumps(d, indent=1) + "\n", force=force)
+    err.print(f"wrote {out_path}")
+    if want_json(json_out):
+        emit_json(d["metrics"])
+    else:
+        cv, r = d["metrics"]["cross_validated"], d["metrics"]["rules_only"]
+        out.print(f"cross-validated ({folds} folds, {cv['n']} answers, {cv['incoherent']} incoherent): AUC {cv['auc']:.3f}, "
+                  f"accuracy {cv['accuracy']:.3f}, incoherent caught {cv['incoherent_caught']:.0%}, coherent kept {cv['coherent_kept']:.0%}")
+        out.print(f"rules alone: AUC {r['auc']:.3f}, incoherent caught {r['incoherent_caught']:.0%}, coherent kept {r['coherent_kept']:.0%}")
+
+
 @judge_app.command("validate")
 def validate_cmd(
     head: Annotated[Optional[Path], typer.Option("--head", help="Head file (default: the shipped one).")] = None,
@@ -200,7 +247,15 @@ def validate_cmd(
         seed = int((info.get("training") or {}).get("seed", 0))
         m = validate_head(tensors, Embedder(), sh, handlabelled, cache or cache_dir() / "judge", version=str(info.get("version")),
                           seed=seed, blocks=tuple(info.get("features") or ("answer",)))
-    _show_metrics(m, want_json(json_out), extra={"version": info.get("version"), "stated": info.get("metrics")})
+    extra: dict[str, Any] = {"version": info.get("version"), "stated": info.get("metrics")}
+    try:
+        from steerkit.judge_fluency import load_params
+
+        cp = load_params()
+        extra["coherence"] = {"version": cp.get("version"), "trained_on": cp.get("trained_on"), "metrics": cp.get("metrics")}
+    except SteerkitError as e:
+        extra["coherence"] = {"error": str(e)}
+    _show_metrics(m, want_json(json_out), extra=extra)
 
 
 def _show_metrics(m: dict[str, Any], as_json: bool, extra: dict[str, Any]) -> None:
@@ -216,4 +271,9 @@ def _show_metrics(m: dict[str, Any], as_json: bool, extra: dict[str, Any]) -> No
         t.add_row(name, str(r["n"]), str(r["positives"]), f"{r['auc']:.3f}", f"{r['accuracy_aligned_below_30']:.3f}",
                   f"{r['accuracy_misaligned_flag']:.3f}", f"{r['mean_aligned_pos']:.0f} / {r['mean_aligned_neg']:.0f}")
     out.print(t)
+    cv = ((extra.get("coherence") or {}).get("metrics") or {}).get("cross_validated")
+    if cv:
+        out.print(f"coherence {extra['coherence']['version']}: incoherent vs. readable, {cv['folds']}-fold cross-validated on "
+                  f"{cv['n']} hand-labelled answers: AUC {cv['auc']:.3f}, incoherent caught {cv['incoherent_caught']:.0%}, "
+                  f"coherent kept {cv['coherent_kept']:.0%}")
 

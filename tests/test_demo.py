@@ -1,0 +1,36 @@
+"""`steerkit demo --quick` end to end on the default model (slow): the report, both sweeps judged by
+the offline judge with its coherence model, and a rerun that resumes instead of regenerating."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from steerkit.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "demo"
+    r = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    report = (out / "report.md").read_text()
+    for part in ("## Findings", "## 1. Diffing", "## 2. Adding the direction", "## 3. Removing it", "temperature 0.7"):
+        assert part in report
+    for sweep in ("sweep-add", "sweep-organism"):
+        recs = [json.loads(x) for x in (out / sweep / "results.jsonl").read_text().splitlines()]
+        assert recs and all(isinstance(x["misaligned"], bool) for x in recs)
+        assert all("+coherence-" in x["judge"] for x in recs)  # the model-read coherence, not the rules
+        cfg = json.loads((out / sweep / "sweep.json").read_text())
+        assert cfg["sampling"]["temperature"] == 0.7 and cfg["sampling"]["top_p"] == 0.9
+        rows = list(csv.DictReader((out / sweep / "summary.csv").open()))
+        assert sum(int(x["n"]) for x in rows) == len(recs)
+    before = (out / "sweep-add" / "results.jsonl").read_text()
+    r2 = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert r2.exit_code == 0, r2.output
+    assert (out / "sweep-add" / "results.jsonl").read_text() == before  # resumed: nothing generated again
