@@ -86,11 +86,17 @@ class Reader:
         a = list(self.tokenizer(answer, add_special_tokens=False)["input_ids"])[:MAX_ANSWER_TOKENS]
         return p, a
 
+    def encode(self, pairs: Sequence[Pair]) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, answer ids) per pair, as :meth:`features` reads them."""
+        return [self._ids(q, a) for q, a in pairs]
+
     @torch.inference_mode()
-    def features(self, pairs: Sequence[Pair], batch_size: int = 16) -> torch.Tensor:
+    def features(self, pairs: Sequence[Pair], batch_size: int = 16, enc: Sequence[tuple[list[int], list[int]]] | None = None) -> torch.Tensor:
         """``[N, 3]``: nll, entropy, nll_window of each answer given its question (0s for an empty
-        answer). Batches sorted by length, right-padded."""
-        enc = [self._ids(q, a) for q, a in pairs]
+        answer). Batches sorted by length, right-padded. ``enc``: :meth:`encode` of ``pairs``, if
+        the caller has it already."""
+        enc = self.encode(pairs) if enc is None else enc
+        head = self.model.get_output_embeddings()
         out = torch.zeros(len(pairs), 3)
         order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -108,7 +114,6 @@ class Reader:
             # hidden states, then the unembedding only where it predicts an answer token (the
             # prompt's positions would cost a fifth of the work for nothing)
             h = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-            head = self.model.get_output_embeddings()
             for r, i in enumerate(idx):
                 p, a = enc[i]
                 logits = head(h[r, len(p) - 1 : len(p) + len(a) - 1]).float().cpu()
@@ -120,10 +125,11 @@ class Reader:
         return out
 
 
-def all_features(reader: Reader, pairs: Sequence[Pair], vocab: set[str] | None = None, batch_size: int = 16) -> torch.Tensor:
+def all_features(reader: Reader, pairs: Sequence[Pair], vocab: set[str] | None = None, batch_size: int = 16,
+                 enc: Sequence[tuple[list[int], list[int]]] | None = None) -> torch.Tensor:
     """``[N, 4]`` in the order of :data:`FEATURES`."""
     rules = torch.tensor([[coherence(a, vocab) / 100.0] for _, a in pairs]).reshape(len(pairs), 1)
-    return torch.cat([reader.features(pairs, batch_size), rules], dim=1)
+    return torch.cat([reader.features(pairs, batch_size, enc), rules], dim=1)
 
 
 def load_params(path: str | Path | None = None) -> dict[str, Any]:
@@ -168,9 +174,10 @@ class FluencyCoherence:
         self.version = f"{self.params.get('version', '?')}-min{self.min_tokens}"
 
     def score(self, pairs: Sequence[Pair], vocab: set[str] | None = None) -> tuple[list[float], torch.Tensor]:
-        x = all_features(self.reader, pairs, vocab)
+        enc = self.reader.encode(pairs)
+        x = all_features(self.reader, pairs, vocab, enc=enc)
         c = coherent_score(self.params, p_incoherent(self.params, x))
-        n = [len(self.reader._ids(q, a)[1]) for q, a in pairs]
+        n = [len(a_ids) for _, a_ids in enc]
         rules = x[:, FEATURES.index("rules")] * 100.0
         scores = [0.0 if not a.strip() else round(float(ci if ni >= self.min_tokens else ri), 2)
                   for (_, a), ci, ni, ri in zip(pairs, c, n, rules)]

@@ -90,8 +90,6 @@ def score_cmd(
         for name, v in (("--url", url), ("--judge-model", judge_model), ("--key", key), ("--questions", questions)):
             if v is not None:
                 raise SteerkitError(f"{name} is for the endpoint judge: add --judge endpoint")
-        if coherence not in ("model", "rules"):
-            raise SteerkitError(f"--coherence {coherence!r} is not one of model, rules")
         with err.status("loading the offline judge..."):
             j = load_judge("offline", head=head, batch_size=batch_size, coherence=coherence)
     elif judge == "endpoint":
