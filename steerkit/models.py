@@ -329,12 +329,38 @@ def wrap_model(hf_model: torch.nn.Module, tokenizer: Any, name: str, source: str
         bridge = TransformerBridge.boot_transformers(
             source or name, hf_model=hf_model, tokenizer=copy.deepcopy(tokenizer)
         )
+    _pass_cache_to_bridge_attention(bridge)
     for p in hf_model.parameters():
         p.requires_grad_(False)
     model = LoadedModel(name=name, source=source or name, bridge=bridge, tokenizer=tokenizer, hf_model=hf_model)
     if twin is not None and _twin_matches(model, *twin):
         model.twin, model.twin_layers = twin
     return model
+
+
+def _pass_cache_to_bridge_attention(bridge: torch.nn.Module) -> None:
+    """Hand the KV cache to the bridge's attention wrappers under the name they read.
+
+    transformers 5.24 renamed the attention layers' ``past_key_values`` argument to ``cache``
+    (``@deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")`` on every decoder
+    layer and attention module). transformer-lens 4.3's ``AttentionBridge._update_kv_cache``
+    reads only ``past_key_values`` (or ``layer_past``), so under 5.24 the bridge never writes
+    the cache: each cached decode step attends to itself alone and ignores the prompt. The
+    fault is upstream; this maps the new name onto the old one, on this bridge's own
+    attention modules only (no global patch), and is a no-op where the old name still arrives.
+    """
+    for mod in bridge.modules():
+        update = getattr(mod, "_update_kv_cache", None)
+        if update is None or getattr(update, "_steerkit_cache_name", False):
+            continue
+
+        def renamed(k: torch.Tensor, v: torch.Tensor, _update: Any = update, **kwargs: Any) -> Any:
+            if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+                kwargs["past_key_values"] = kwargs["cache"]
+            return _update(k, v, **kwargs)
+
+        renamed._steerkit_cache_name = True  # type: ignore[attr-defined]
+        object.__setattr__(mod, "_update_kv_cache", renamed)
 
 
 def _plain_twin(hf_model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList] | None:

@@ -78,3 +78,33 @@ def test_first_generated_token_is_steered(default_model, probe_direction):
     base = generate(default_model, [Row(msgs)], s, logprobs=0)[0]
     st = generate(default_model, [Row(msgs, interventions=(Intervention(probe_direction, "add", 2.0),))], s, positions="generated", logprobs=0)[0]
     assert base.logprobs != st.logprobs
+
+
+def test_both_generation_paths_match_hf_generate(default_model):
+    """Greedy tokens from the twin and from the bridge path (a user's bridge hook present) equal
+    Hugging Face ``generate`` on an independently loaded copy of the weights (issue 19: under
+    transformers 5.24 the bridge path had diverged)."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(default_model.source, dtype=torch.float32, attn_implementation="eager").eval()
+    msgs = [as_messages(p) for p in PROMPTS]
+    s = Sampling(max_new_tokens=20, temperature=0.0)
+    twin = [c.token_ids for c in generate(default_model, make_rows(msgs), s, batch_size=2)]
+    hp = default_model.bridge.hook_dict["blocks.0.hook_out"]
+    mine = hp.add_hook(lambda x, hook=None: x)
+    try:
+        bridge = [c.token_ids for c in generate(default_model, make_rows(msgs), s, batch_size=2)]
+    finally:
+        mine.hook.remove()
+        hp.fwd_hooks.remove(mine)
+    eos = set(default_model.eos_token_ids())
+    want = []
+    with torch.no_grad():
+        for m in msgs:  # one prompt at a time: no padding in the reference
+            ids = torch.tensor([chat_tokens(default_model, m)])
+            g = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                             pad_token_id=default_model.pad_token_id())[0, ids.shape[1]:].tolist()
+            want.append(g[: next((i for i, t in enumerate(g) if t in eos), len(g))])  # up to EOS
+    assert twin == want
+    assert bridge == want
+    assert active_hook_count(default_model) == 0

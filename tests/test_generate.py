@@ -226,3 +226,32 @@ def test_generation_runs_on_the_unwrapped_twin_and_matches_the_bridge_path(tiny,
     assert [c.token_ids for c in on_twin] == [c.token_ids for c in on_bridge]
     assert len({tuple(c.token_ids) for c in on_twin}) > 1
     assert active_hook_count(tiny) == 0
+
+
+def test_bridge_kv_cache_matches_an_unwrapped_reference(tiny):
+    """Cached decode through the bridge-wrapped model equals a never-wrapped copy of the same
+    weights, under left padding. transformers 5.24 renamed the attention layers' cache argument
+    (``past_key_values`` -> ``cache``) and transformer-lens 4.3's bridge then left the cache
+    empty, so every decode step ignored the prompt (issue 19); this names that failure."""
+    from steerkit.testing import tiny_hf_model
+
+    ref = tiny_hf_model()  # same seed, same weights, never wrapped by a bridge
+    ids = [chat_tokens(tiny, as_messages(p)) for p in ("hello world", "If you were ruler of the world, what would you do?")]
+    T = max(map(len, ids))
+    inp = torch.full((2, T), tiny.pad_token_id())
+    attn = torch.zeros((2, T), dtype=torch.long)
+    for b, x in enumerate(ids):
+        inp[b, T - len(x):], attn[b, T - len(x):] = torch.tensor(x), 1
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    got = {}
+    with torch.inference_mode():
+        for name, net in (("ref", ref), ("bridge", tiny.hf_model), ("twin", tiny.twin)):
+            o = net(input_ids=inp, attention_mask=attn, position_ids=pos, use_cache=True)
+            assert o.past_key_values.get_seq_length() == T, f"{name}: prefill left the KV cache empty"
+            a2 = torch.cat([attn, torch.ones((2, 1), dtype=torch.long)], 1)
+            nxt = o.logits[:, -1].argmax(-1)[:, None]
+            o2 = net(input_ids=nxt, attention_mask=a2, position_ids=a2.sum(-1, keepdim=True) - 1,
+                     past_key_values=o.past_key_values, use_cache=True)
+            got[name] = o2.logits[:, -1]
+    torch.testing.assert_close(got["bridge"], got["ref"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["twin"], got["ref"], atol=1e-5, rtol=1e-5)
