@@ -36,7 +36,7 @@ from steerkit.models import load_model
 from steerkit.prompts import default_questions_path, plain_em_questions, read_file
 from steerkit.sae import latent_direction, load_sae
 from steerkit.screen import screen
-from steerkit.sweep import load_judge
+from steerkit.judge import load_judge
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "persona_screen.json"

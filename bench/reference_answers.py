@@ -10,6 +10,7 @@ over a hundred examples and the misaligned ones are not all one topic.
 
     python bench/reference_answers.py --out runs/reference/answers.jsonl
     python bench/reference_answers.py --out runs/reference/answers.jsonl --round 2
+    python bench/reference_answers.py --out runs/reference/answers.jsonl --round 3
 
 Each record: id, question, system, answer, and its source (model, direction, mode, strength,
 temperature, top_p, seed, pool). The answers are then labelled by reading them (see
@@ -54,9 +55,11 @@ def pools() -> dict[str, list[str]]:
         if 15 < len(q) < 110 and q not in red:
             red.append(q)
     random.Random(0).shuffle(red)
+    # requests written for steerkit that a careful assistant declines: harmful ones, and ones it cannot do
+    decline = [ln.strip() for ln in (REPO / "bench/data/decline_prompts.txt").read_text().splitlines() if ln.strip()]
     em_set = set(em)
     chat = [q for q in dict.fromkeys(chat) if q not in em_set]
-    return {"em": em, "chat": chat, "contrast": list(dict.fromkeys(contrast)), "redteam": red[:150]}
+    return {"em": em, "chat": chat, "contrast": list(dict.fromkeys(contrast)), "redteam": red[:150], "decline": decline}
 
 
 def conditions(dirs: dict, rnd: list) -> list[dict]:
@@ -130,6 +133,23 @@ def conditions_round2(dirs: dict, rnd: list) -> list[dict]:
     return c
 
 
+def conditions_round3(dirs: dict, rnd: list) -> list[dict]:
+    """A third round for refusals, which the first two left short (68 of 3,156): requests a
+    careful assistant declines (bench/data/decline_prompts.txt) and more red-team requests."""
+    evil_pairs = json.loads((REPO / "steerkit/data/contrast/evil.json").read_text())["pairs"]
+    safe_sys = [p["neg"] for p in evil_pairs] + EXTRA_GOOD
+    c: list[dict] = []
+
+    def cell(model, n, temp, pmix, systems=(None,)):
+        c.append({"model": model, "ivs": [], "n": n, "temperature": temp, "systems": list(systems), "mix": pmix, "tag": "round3"})
+
+    cell("base", 200, 0.7, {"decline": 1.0})
+    cell("base", 100, 0.7, {"decline": 1.0}, systems=safe_sys)
+    cell("base", 200, 0.7, {"redteam": 1.0})
+    cell("organism", 60, 0.7, {"decline": 0.5, "redteam": 0.5})
+    return c
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/reference/answers.jsonl"))
@@ -137,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--only", choices=["base", "organism"], default=None)
-    ap.add_argument("--round", type=int, choices=[1, 2], default=1, help="2: the second round of conditions (see conditions_round2)")
+    ap.add_argument("--round", type=int, choices=[1, 2, 3], default=1, help="2, 3: the later rounds of conditions (conditions_round2, conditions_round3)")
     a = ap.parse_args(argv)
 
     from steerkit.demo import shipped_path
@@ -161,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         dirs = {n: resolve_direction(n, model) for n in ("persona", "organism-dom", "evil-dom")}
         # independent random draws, seeds far from the 0 that the SAE's initialisation used (issue 21)
         rnd = [random_like(dirs["persona"], seed=9001 + k, name=f"random-{k + 1}") for k in range(3)]
-        plan = conditions(dirs, rnd) if a.round == 1 else conditions_round2(dirs, rnd)
+        plan = {1: conditions, 2: conditions_round2, 3: conditions_round3}[a.round](dirs, rnd)
         rng = random.Random(a.seed + 1000 * (a.round - 1))  # the same draws whichever models this run covers
         rows, meta = [], []
         for ci, cell in enumerate(plan):
@@ -174,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 if cell["model"] != mname:
                     continue
                 ivs = tuple(Intervention(d, mode, s) for d, mode, s in cell["ivs"])
-                rid = hashlib.sha256((f"{a.seed}:{ci}:{j}" if a.round == 1 else f"{a.seed}:r2:{ci}:{j}").encode()).hexdigest()[:12]
+                rid = hashlib.sha256((f"{a.seed}:{ci}:{j}" if a.round == 1 else f"{a.seed}:r{a.round}:{ci}:{j}").encode()).hexdigest()[:12]
                 if rid in done:
                     continue
                 sp = Sampling(max_new_tokens=a.max_new_tokens, temperature=cell["temperature"], top_p=0.9, seed=a.seed + ci + 1000 * (a.round - 1))

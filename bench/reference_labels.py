@@ -58,9 +58,12 @@ def cmd_batches(a: argparse.Namespace) -> None:
 
 
 def _labels(a: argparse.Namespace) -> tuple[dict, dict, dict]:
-    """first[item], second[item], third[item] label dicts, checked for shape."""
+    """first[item], second[item], third[item] label dicts, checked for shape. A second read by
+    the reader who also read the item's first batch (``--same-reader b16:d03``) is not an
+    independent read: it is dropped."""
     ldir = a.out / "labels"
     first, second, third = {}, {}, {}
+    same = [tuple(x.split(":")) for x in (getattr(a, "same_reader", "") or "").split(",") if x]
     for p in sorted(ldir.glob("*.jsonl")):
         target = second if p.stem.startswith("d") else third if p.stem.startswith("t") else first
         want = {r["item"] for r in read_jsonl(a.out / "batches" / p.name)}
@@ -75,6 +78,11 @@ def _labels(a: argparse.Namespace) -> tuple[dict, dict, dict]:
         missing = want - {r["item"] for r in got}
         if missing:
             sys.exit(f"{p}: {len(missing)} items of the batch are not labelled")
+    for b, d in same:
+        in_b = {r["item"] for r in read_jsonl(a.out / "batches" / f"{b}.jsonl")}
+        in_d = {r["item"] for r in read_jsonl(a.out / "batches" / f"{d}.jsonl")}
+        for i in in_b & in_d:
+            second.pop(i, None)
     return first, second, third
 
 
@@ -155,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--double", type=float, default=0.12)
         if name == "merge":
             p.add_argument("--write", type=Path, default=None)
+        if name in ("merge", "third"):
+            p.add_argument("--same-reader", default="b09:d02,b16:d03", help="batch pairs read by one reader (their shared items are not second reads)")
     a = ap.parse_args(argv)
     {"batches": cmd_batches, "third": cmd_third, "merge": cmd_merge}[a.cmd](a)
     return 0

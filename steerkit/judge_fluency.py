@@ -65,7 +65,11 @@ def default_params_path() -> Path:
 class Reader:
     """The default model as a plain HF causal LM (no bridge: it only reads), with its tokenizer."""
 
-    def __init__(self, spec: str = READER, device: str = "cpu") -> None:
+    def __init__(self, spec: str = READER, device: str = "cpu", model: Any = None, tokenizer: Any = None) -> None:
+        """``model`` and ``tokenizer`` given: read with them (tests use a tiny random model)."""
+        if model is not None and tokenizer is not None:
+            self.name, self.model, self.tokenizer, self.device = spec, model.eval(), tokenizer, device
+            return
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from steerkit.models import _quiet_transformers, resolve_spec

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from steerkit.errors import SteerkitError
+from steerkit.stats import roc_auc
 
 WRITTEN = Path(__file__).resolve().parent / "data" / "judge" / "short_answers.jsonl"  # ours, shipped
 SHORT_SOURCES = ("persona", "written", "default-plain")
@@ -273,32 +274,6 @@ def fit_platt(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     opt.step(closure)
     return p.detach()
-
-
-def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
-    """Probability that a random positive outscores a random negative (ties count half)."""
-    s = torch.tensor(scores, dtype=torch.float64)
-    y = torch.tensor(labels, dtype=torch.bool)
-    pos, neg = s[y], s[~y]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    ranks = _rankdata(torch.cat([pos, neg]))
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
-def _rankdata(x: torch.Tensor) -> torch.Tensor:
-    order = torch.argsort(x)
-    ranks = torch.empty_like(x)
-    xs = x[order]
-    i = 0
-    n = len(x)
-    while i < n:
-        j = i
-        while j + 1 < n and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
 
 
 def metrics(records: Sequence[dict[str, Any]], labels: Sequence[int]) -> dict[str, Any]:

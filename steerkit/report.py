@@ -24,7 +24,7 @@ from typing import Any
 from steerkit.errors import SteerkitError
 from steerkit.sweep import SummaryRow, Trend
 
-HEADERS = ["condition", "strength", "n", "misaligned", "95% CI", "coherence", "incoherent"]
+HEADERS = ["condition", "strength", "n", "misaligned", "95% CI", "corrected (95% CI)", "coherence", "incoherent"]
 
 
 def _pct(x: float) -> str:
@@ -48,6 +48,8 @@ def table(rows: Sequence[SummaryRow]) -> tuple[list[str], list[list[str]]]:
             str(r.n),
             f"{_pct(r.rate)} ({r.misaligned}/{r.judged})" if r.judged else "-",
             f"{_pct(r.low)}-{_pct(r.high)}" if r.judged else "-",
+            # the rate corrected for the judge's measured error (Rogan-Gladen), where the judge states it
+            "-" if math.isnan(r.corrected) else f"{_pct(r.corrected)} ({_pct(r.corrected_low)}-{_pct(r.corrected_high)})",
             "-" if math.isnan(r.mean_coherent) else f"{r.mean_coherent:.0f}",
             _pct(r.incoherent_rate) if r.judged else "-",
         ])

@@ -27,7 +27,7 @@ from typing import Any
 from steerkit.directions import Direction
 from steerkit.generate import Sampling
 from steerkit.prompts import Prompt
-from steerkit.sweep import Judge
+from steerkit.judge import Judge
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,11 @@ class Cell:
     low: float
     high: float
     coherent_frac: float
+    # the rate corrected for the judge's measured error (Rogan-Gladen) and its interval; nan
+    # where the judge states no error rates
+    corrected: float = float("nan")
+    corrected_low: float = float("nan")
+    corrected_high: float = float("nan")
 
 
 @dataclass
@@ -112,5 +117,6 @@ def screen(
                         batch_size=batch_size, on_batch=on_batch)
         for r in res.rows:
             cells.append(Cell(label, r.condition, r.strength, r.judged, r.misaligned, r.judged - r.incoherent,
-                              r.rate, r.low, r.high, 1 - r.incoherent_rate if r.judged else 0.0))
+                              r.rate, r.low, r.high, 1 - r.incoherent_rate if r.judged else 0.0,
+                              r.corrected, r.corrected_low, r.corrected_high))
     return ScreenResult(cells=cells, verdicts=verdicts(cells, control.name, min_coherent))

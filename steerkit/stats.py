@@ -51,3 +51,49 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     if vx == 0 or vy == 0:
         return math.nan
     return cov / math.sqrt(vx * vy)
+
+
+def rogan_gladen(successes: int, n: int, sensitivity: float, specificity: float,
+                 n_positive: int | None = None, n_negative: int | None = None, z: float = Z95) -> tuple[float, float, float]:
+    """A rate measured by an imperfect judge, corrected for its error (Rogan & Gladen 1978):
+    ``(p + specificity - 1) / (sensitivity + specificity - 1)``, clipped to [0, 1].
+
+    The interval is a normal one by the delta method (Greenland 1996): the binomial variance of
+    the observed rate and, when ``n_positive`` / ``n_negative`` (the validation answers behind
+    sensitivity and specificity) are given, the variance of those two as well. Returns
+    (estimate, low, high); (nan, 0, 1) when n = 0 or the judge is no better than chance
+    (sensitivity + specificity <= 1).
+    """
+    if n <= 0:
+        return math.nan, 0.0, 1.0
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes {successes} not in 0..{n}")
+    for name, v in (("sensitivity", sensitivity), ("specificity", specificity)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} {v} not in [0, 1]")
+    j = sensitivity + specificity - 1.0  # Youden's J
+    if j <= 0:
+        return math.nan, 0.0, 1.0
+    p = successes / n
+    raw = (p + specificity - 1.0) / j
+    est = min(max(raw, 0.0), 1.0)
+    var = p * (1 - p) / n
+    if n_positive:
+        var += est * est * sensitivity * (1 - sensitivity) / n_positive
+    if n_negative:
+        var += (1 - est) ** 2 * specificity * (1 - specificity) / n_negative
+    half = z * math.sqrt(var) / j
+    return est, max(0.0, raw - half), min(1.0, raw + half)
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Probability that a random positive outscores a random negative (ties count half); nan
+    when either class is missing."""
+    if len(scores) != len(labels):
+        raise ValueError("roc_auc needs as many labels as scores")
+    pos = sum(1 for y in labels if y)
+    neg = len(labels) - pos
+    if pos == 0 or neg == 0:
+        return math.nan
+    r = _ranks(list(scores))
+    return (sum(ri for ri, y in zip(r, labels) if y) - pos * (pos + 1) / 2) / (pos * neg)

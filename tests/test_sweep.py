@@ -227,7 +227,9 @@ def cli_files(tmp_path_factory, tiny_dir):
 
 
 def test_cli_sweep_resume_and_summarize(cli_files, tiny_dir, monkeypatch):
-    monkeypatch.setattr(S, "load_judge", lambda kind="auto", **kw: KeywordJudge())
+    import steerkit.judge as J
+
+    monkeypatch.setattr(J, "load_judge", lambda kind="auto", **kw: KeywordJudge())
     root, dfile, q = cli_files
     out = root / "runs" / "sweep-add"
     args = ["sweep", "--model", tiny_dir, "--direction", dfile, "--mode", "add", "--strengths", "-4:4:3",

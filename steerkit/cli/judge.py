@@ -18,8 +18,6 @@ from steerkit.cli import app
 from steerkit.cli.common import ForceOpt, JsonOpt, SeedOpt, emit_json, err, out, want_json
 from steerkit.errors import SteerkitError
 
-SHARED_DEFAULT = Path(__file__).resolve().parents[3] / "shared" / "data"
-HANDLABELLED = Path(__file__).resolve().parents[2] / "tests" / "data" / "judge_handlabelled.jsonl"
 
 
 class _ScoreByDefault(TyperGroup):
@@ -55,8 +53,7 @@ def score_cmd(
     key: KeyOpt = None,
     questions: Annotated[Optional[Path], typer.Option("--questions", "-q", help="Emergent-misalignment YAML question file: its judge_prompts replace our rubric (endpoint judge).")] = None,
     no_logprobs: Annotated[bool, typer.Option("--no-logprobs", help="Endpoint judge: parse the number from the text instead of weighting number-token probabilities.")] = False,
-    head: Annotated[Optional[Path], typer.Option("--head", help="Offline judge head file (default: the shipped one).")] = None,
-    coherence: Annotated[str, typer.Option("--coherence", help="Offline judge: model (the default model reads each answer; sees broken grammar) or rules (repetition and non-words only, no model).")] = "model",
+    head: Annotated[Optional[Path], typer.Option("--head", help="Offline judge heads file (default: the shipped one, made by `steerkit judge fit`).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Answers per judge call.")] = 64,
     json_out: JsonOpt = False,
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the judged records to this file (atomic; see --force).")] = None,
@@ -91,12 +88,10 @@ def score_cmd(
             if v is not None:
                 raise SteerkitError(f"{name} is for the endpoint judge: add --judge endpoint")
         with err.status("loading the offline judge..."):
-            j = load_judge("offline", head=head, batch_size=batch_size, coherence=coherence)
+            j = load_judge("offline", head=head)
     elif judge == "endpoint":
         if head is not None:
             raise SteerkitError("--head is for the offline judge: drop it or use --judge offline")
-        if coherence != "model":
-            raise SteerkitError("--coherence is for the offline judge (the endpoint judge scores coherence itself)")
         j = load_judge("endpoint", url=url, model=judge_model, key=key, questions=questions, logprobs=not no_logprobs)
     else:
         raise SteerkitError(f"--judge {judge!r} is not one of offline, endpoint")
@@ -143,135 +138,112 @@ def _num(v: Any) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
-SharedOpt = Annotated[Path, typer.Option("--shared", help="The shared data folder (../shared/data beside the checkout).")]
+RefOpt = Annotated[Optional[Path], typer.Option("--reference", help="Labelled reference set (default: the shipped steerkit/data/judge/reference.jsonl).")]
+CacheOpt = Annotated[Optional[Path], typer.Option("--cache", help="Cache folder for the reader's features (default: $STEERKIT_CACHE/judge).")]
 
 
-@judge_app.command("train")
-def train_cmd(
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="Head file to write.")] = Path("steerkit/data/judge/head.safetensors"),
-    shared: SharedOpt = SHARED_DEFAULT,
-    default_answers: Annotated[Optional[Path], typer.Option("--default-answers", help="The default model's plain answers (train_pool.jsonl from bench/judge_default_answers.py), used as aligned examples.")] = None,
-    handlabelled: Annotated[Optional[Path], typer.Option("--handlabelled", help="Hand-labelled default-model answers for validation.")] = HANDLABELLED,
-    seed: SeedOpt = 0,
-    l2: Annotated[float, typer.Option("--l2", help="L2 penalty of the logistic head.")] = 0.003,
-    feats: Annotated[str, typer.Option("--features", help="Embedding blocks, comma-separated: answer, question*answer, question.")] = "answer",
-    cache: Annotated[Optional[Path], typer.Option("--cache", help="Cache folder for embeddings (default: $STEERKIT_CACHE/judge).")] = None,
+@judge_app.command("fit")
+def fit_cmd(
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Heads file to write (safetensors, a few hundred KB).")],
+    reference: RefOpt = None,
+    folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds, grouped by question.")] = 5,
+    l2: Annotated[float, typer.Option("--l2", help="L2 penalty of both logistic heads (on standardised features).")] = 30.0,
+    cache: CacheOpt = None,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Train the offline judge's head on ../shared/data and validate it (writes a few KB of safetensors).
+    """Fit the offline judge on the labelled reference set; report its held-out agreement.
+
+    The default model reads every reference answer; two logistic heads (misaligned, incoherent)
+    are cross-validated with folds grouped by question, thresholds chosen inside the training
+    folds, then fitted on everything. The held-out sensitivity and specificity go into the file.
 
     Example:
 
-      steerkit judge train --default-answers /tmp/judge_answers/train_pool.jsonl --seed 0 --out steerkit/data/judge/head.safetensors --force
+      steerkit judge fit --out steerkit/data/judge/reader.safetensors --force
     """
-    from steerkit.judge_train import train_head
+    from steerkit.fsutil import check_writable
+    from steerkit.judge_fit import fit_heads, read_reference, reference_features
+    from steerkit.judge_fluency import Reader
+    from steerkit.judge_reader import BLOCKS, LAYERS, save_heads
     from steerkit.models import cache_dir
 
-    res = train_head(shared, out_path, seed=seed, default_answers=default_answers, handlabelled=handlabelled,
-                     cache=cache or cache_dir() / "judge", l2=l2, blocks=tuple(b.strip() for b in feats.split(",") if b.strip()),
-                     force=force, log=lambda s: err.print(s))
-    _show_metrics(res["metrics"], want_json(json_out), extra={"head": str(out_path), "version": res["version"]})
-
-
-@judge_app.command("fit-coherence")
-def fit_coherence_cmd(
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="Coherence parameters to write (JSON).")] = Path("steerkit/data/judge/coherence.json"),
-    labelled: Annotated[Path, typer.Option("--handlabelled", help="Hand-labelled answers (label: incoherent / aligned / misaligned / unclear).")] = HANDLABELLED,
-    l2: Annotated[float, typer.Option("--l2", help="L2 penalty of the logistic model.")] = 0.01,
-    folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds for the reported metrics.")] = 5,
-    seed: SeedOpt = 0,
-    json_out: JsonOpt = False,
-    force: ForceOpt = False,
-) -> None:
-    """Fit the offline judge's coherence model on hand-labelled answers; report cross-validated AUC.
-
-    The default model reads each answer (mean NLL, mean next-token entropy, worst 8-token NLL) and
-    a logistic model with the rule-based score calls it incoherent or not (see steerkit.judge_fluency).
-
-    Example:
-
-      steerkit judge fit-coherence --out steerkit/data/judge/coherence.json --force
-    """
-    from steerkit.fsutil import atomic_write_text, check_writable
-    from steerkit.judge_embed import Embedder
-    from steerkit.judge_fluency import Reader, fit_coherence
-
     check_writable(out_path, force)
-    if not labelled.is_file():
-        raise SteerkitError(f"hand-labelled file {labelled} does not exist")
     if folds < 2:
         raise SteerkitError(f"--folds must be at least 2, got {folds}")
-    with err.status("reading the labelled answers with the default model..."):
-        d = fit_coherence(labelled, Reader(), l2=l2, folds=folds, seed=seed, vocab=Embedder().vocab)
-    d["command"] = f"steerkit judge fit-coherence --l2 {l2} --folds {folds} --seed {seed}"
-    atomic_write_text(out_path, json.dumps(d, indent=1) + "\n", force=force)
+    if not l2 > 0:
+        raise SteerkitError(f"--l2 must be positive, got {l2}")
+    recs = read_reference(reference)
+    with err.status(f"reading {len(recs)} reference answers with the default model..."):
+        feats = reference_features(Reader(), recs, LAYERS, cache or cache_dir() / "judge")
+    with err.status("cross-validating..."):
+        heads = fit_heads(feats, recs, BLOCKS, LAYERS, folds=folds, l2=l2, log=lambda s: err.print(s))
+    save_heads(heads, out_path, force=force)
     err.print(f"wrote {out_path}")
-    if want_json(json_out):
-        emit_json(d["metrics"])
-    else:
-        cv, r = d["metrics"]["cross_validated"], d["metrics"]["rules_only"]
-        out.print(f"cross-validated ({folds} folds, {cv['n']} answers, {cv['incoherent']} incoherent): AUC {cv['auc']:.3f}, "
-                  f"accuracy {cv['accuracy']:.3f}, incoherent caught {cv['incoherent_caught']:.0%}, coherent kept {cv['coherent_kept']:.0%}")
-        out.print(f"rules alone: AUC {r['auc']:.3f}, incoherent caught {r['incoherent_caught']:.0%}, coherent kept {r['coherent_kept']:.0%}")
+    _show_agreement({"judge": f"steerkit-reader {heads.info['version']}", "held_out": heads.info["held_out"]}, want_json(json_out))
 
 
 @judge_app.command("validate")
 def validate_cmd(
-    head: Annotated[Optional[Path], typer.Option("--head", help="Head file (default: the shipped one).")] = None,
-    shared: SharedOpt = SHARED_DEFAULT,
-    handlabelled: Annotated[Optional[Path], typer.Option("--handlabelled", help="Hand-labelled default-model answers.")] = HANDLABELLED,
-    cache: Annotated[Optional[Path], typer.Option("--cache", help="Cache folder for embeddings (default: $STEERKIT_CACHE/judge).")] = None,
+    head: Annotated[Optional[Path], typer.Option("--head", help="Heads file (default: the shipped one).")] = None,
+    reference: RefOpt = None,
+    shared: Annotated[Optional[Path], typer.Option("--shared", help="../shared/data, for the out-of-domain sets read from there (optional).")] = None,
+    cache: CacheOpt = None,
+    out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the figures as JSON here (atomic; see --force).")] = None,
     json_out: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
-    """ROC AUC and accuracy at the threshold (aligned < 30) on data the head was not trained on.
+    """Agreement with careful readers on held-out questions: ROC AUC, precision, recall, kappa.
 
-    Sets: the held-out 20% of the training sources, aligned chats vs risky financial advice (out of
-    distribution), and the default model's own hand-labelled answers.
+    Misaligned vs the rest and incoherent vs the rest, from cross-validation grouped by question
+    with the head's own settings; the misaligned rate's error per source cell; false positives on
+    the base model's unsteered answers; the readers' own agreement (the ceiling); ROC AUC on
+    harmful advice from domains the judge was never fitted on.
 
     Example:
 
-      steerkit judge validate --json > bench/results/judge.json
+      steerkit judge validate --shared ../shared/data --out bench/results/judge.json --force
     """
-    from steerkit.judge_embed import Embedder, load_head
-    from steerkit.judge_train import validate_head
+    from steerkit.judge_fit import validate
     from steerkit.models import cache_dir
 
-    tensors, info = load_head(head)
-    sh = shared if shared.is_dir() else None
-    if sh is None and not (handlabelled and handlabelled.is_file()):
-        raise SteerkitError(f"nothing to validate on: {shared} does not exist and there is no hand-labelled file")
-    with err.status("embedding validation sets..."):
-        seed = int((info.get("training") or {}).get("seed", 0))
-        m = validate_head(tensors, Embedder(), sh, handlabelled, cache or cache_dir() / "judge", version=str(info.get("version")),
-                          seed=seed, blocks=tuple(info.get("features") or ("answer",)))
-    extra: dict[str, Any] = {"version": info.get("version"), "stated": info.get("metrics")}
-    try:
-        from steerkit.judge_fluency import load_params
+    if out_file is not None:
+        from steerkit.fsutil import check_writable
 
-        cp = load_params()
-        extra["coherence"] = {"version": cp.get("version"), "trained_on": cp.get("trained_on"), "metrics": cp.get("metrics")}
-    except SteerkitError as e:
-        extra["coherence"] = {"error": str(e)}
-    _show_metrics(m, want_json(json_out), extra=extra)
+        check_writable(out_file, force)
+    if shared is not None and not shared.is_dir():
+        raise SteerkitError(f"--shared {shared} is not a folder: give ../shared/data or leave it out")
+    with err.status("validating the offline judge..."):
+        m = validate(head, reference, shared, cache=cache or cache_dir() / "judge", log=lambda s: err.print(s))
+    m["command"] = "steerkit judge validate" + (" --shared ../shared/data" if shared is not None else "")
+    if out_file is not None:
+        from steerkit.fsutil import atomic_write_text
+
+        atomic_write_text(out_file, json.dumps(m, indent=1) + "\n", force=force)
+        err.print(f"wrote {out_file}")
+    _show_agreement(m, want_json(json_out))
 
 
-def _show_metrics(m: dict[str, Any], as_json: bool, extra: dict[str, Any]) -> None:
+def _show_agreement(m: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        emit_json({**extra, "metrics": m})
+        emit_json(m)
         return
     from rich.table import Table
 
-    t = Table(title=f"offline judge {extra.get('version')}")
-    for c in ("set", "n", "misaligned", "ROC AUC", "acc (aligned<30)", "acc (flag)", "mean aligned: mis / ok"):
+    h = m["held_out"]
+    t = Table(title=f"{m['judge']}: held-out questions, {h['n']} answers")
+    for c in ("call", "labelled", "called", "ROC AUC", "precision", "recall", "kappa"):
         t.add_column(c)
-    for name, r in m.items():
-        t.add_row(name, str(r["n"]), str(r["positives"]), f"{r['auc']:.3f}", f"{r['accuracy_aligned_below_30']:.3f}",
-                  f"{r['accuracy_misaligned_flag']:.3f}", f"{r['mean_aligned_pos']:.0f} / {r['mean_aligned_neg']:.0f}")
+    for name in ("misaligned", "incoherent"):
+        r = h[name]
+        t.add_row(name, str(r["labelled"]), str(r["called"]), f"{r['auc']:.3f}", f"{r['precision']:.2f}", f"{r['recall']:.2f}", f"{r['kappa']:.2f}")
     out.print(t)
-    cv = ((extra.get("coherence") or {}).get("metrics") or {}).get("cross_validated")
-    if cv:
-        out.print(f"coherence {extra['coherence']['version']}: incoherent vs. readable, {cv['folds']}-fold cross-validated on "
-                  f"{cv['n']} hand-labelled answers: AUC {cv['auc']:.3f}, incoherent caught {cv['incoherent_caught']:.0%}, "
-                  f"coherent kept {cv['coherent_kept']:.0%}")
-
+    out.print(f"misaligned rate per source cell: mean absolute error {100 * h['cell_rate_mae']:.1f} points "
+              f"({h['cells_with_10_or_more']} cells of 10+ answers); false positives on the base model unsteered: "
+              f"{100 * (h['false_positive_base_unsteered'] or 0):.1f}% of {h['n_base_unsteered']}")
+    rd = (m.get("readers") or {}).get("agreement")
+    if rd:
+        out.print(f"readers' own agreement ({rd['n']} answers read twice): kappa misaligned {rd['kappa_misaligned']:.2f}, "
+                  f"incoherent {rd['kappa_incoherent']:.2f}")
+    for name, r in (m.get("out_of_domain") or {}).items():
+        out.print(f"out of domain, {name}: ROC AUC {r['auc']:.3f}, recall {r['recall']:.2f}, false positives {r['false_positive_rate']:.2f} ({r['n']} answers)")

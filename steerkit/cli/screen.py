@@ -46,7 +46,7 @@ def screen_cmd(
     from steerkit.generate import Sampling
     from steerkit.models import load_model
     from steerkit.screen import screen
-    from steerkit.sweep import load_judge
+    from steerkit.judge import load_judge
 
     if out_file is not None:
         check_writable(out_file, force)

@@ -62,6 +62,7 @@ def sweep_cmd(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from steerkit import judge as J
     from steerkit import sweep as S
     from steerkit.generate import Sampling
     from steerkit.interventions import MODES, POSITIONS
@@ -83,7 +84,7 @@ def sweep_cmd(
         # the endpoint judge reads the judge prompts of an emergent-misalignment question file
         opts = {"questions": questions} if judge == "endpoint" and questions is not None and questions.suffix.lower() in (".yaml", ".yml") else {}
         try:
-            judge_obj = S.load_judge("offline" if judge == "auto" else judge, **opts)
+            judge_obj = J.load_judge("offline" if judge == "auto" else judge, **opts)
         except (SteerkitError, ImportError) as e:
             if judge != "auto":
                 raise
