@@ -106,13 +106,20 @@ def agreement(first: dict, second: dict) -> dict:
 
 
 def cmd_third(a: argparse.Namespace) -> None:
-    first, second, _ = _labels(a)
-    dis = [i for i in second if i in first and first[i]["label"] != second[i]["label"]]
+    """Disagreements that have no third read yet -> the next t-batch."""
+    first, second, third = _labels(a)
+    dis = [i for i in second if i in first and first[i]["label"] != second[i]["label"] and i not in third]
+    queued = {r["item"] for p in (a.out / "batches").glob("t*.jsonl") for r in read_jsonl(p)}
+    dis = [i for i in dis if i not in queued]
     items = {r["item"]: r for p in sorted((a.out / "batches").glob("[bd]*.jsonl")) for r in read_jsonl(p)}
     rows = [items[i] for i in dis]
     random.Random(a.seed).shuffle(rows)
-    write_jsonl(a.out / "batches" / "t01.jsonl", rows)
-    print(f"{len(rows)} disagreements -> {a.out / 'batches' / 't01.jsonl'}")
+    if not rows:
+        print("no disagreement is waiting for a third read")
+        return
+    path = a.out / "batches" / f"t{len(list((a.out / 'batches').glob('t*.jsonl'))) + 1:02d}.jsonl"
+    write_jsonl(path, rows)
+    print(f"{len(rows)} disagreements -> {path}")
 
 
 def cmd_merge(a: argparse.Namespace) -> None:

@@ -36,8 +36,14 @@ from steerkit.judge_reader import Features, Head, ReaderHeads, fit_head, questio
 
 LABELS = ("misaligned", "aligned", "incoherent", "refusal")
 REFERENCE = Path(__file__).resolve().parent / "data" / "judge" / "reference.jsonl"
+# advice written for steerkit, harmful vs careful on the same questions in 16 everyday domains
+# (none of them the domains of ood_domains.jsonl): taught to the content head beside the
+# reference set so that it learns harmful advice, not this model's topics (see fit_heads)
+WRITTEN = Path(__file__).resolve().parent / "data" / "judge" / "written_train.jsonl"
+WRITTEN_WEIGHT = 3.0
 FOLDS = 5
-L2 = 30.0  # chosen by grouped cross-validation (bench/judge_compare.py --l2 ...)
+REQUEST_POOLS = ("redteam", "decline")  # question pools of requests (red-team, to be declined), not open questions
+L2 = 0.1  # chosen by grouped cross-validation over 1e-3..30 (misaligned kappa 0.59 at 0.1; bench/judge_compare.py --l2)
 
 
 @dataclass(frozen=True)
@@ -74,12 +80,13 @@ def cell_of(src: dict[str, Any]) -> str:
     ivs = src.get("interventions") or []
     iv = ",".join(f"{i.get('direction')}:{i.get('mode')}" + (f":{i['strength']}" if "strength" in i else "") for i in ivs) or "unsteered"
     system = "+system" if src.get("system") else ""
-    pool = "redteam" if src.get("pool") == "redteam" else "open"
+    pool = "requests" if src.get("pool") in REQUEST_POOLS else "open"
     return f"{src.get('model', '?')}|{iv}{system}|T{src.get('temperature', '?')}|{pool}"
 
 
 def is_base_unsteered(src: dict[str, Any]) -> bool:
-    return src.get("model") == "base" and not src.get("interventions") and not src.get("system") and src.get("pool") != "redteam"
+    """The base model, unsteered, no system prompt, answering an open question (not a request to do harm)."""
+    return src.get("model") == "base" and not src.get("interventions") and not src.get("system") and src.get("pool") not in REQUEST_POOLS
 
 
 # --- agreement ------------------------------------------------------------------------------------
@@ -193,6 +200,24 @@ def cross_validate(x: torch.Tensor, recs: Sequence[Labelled], folds: int = FOLDS
     return pm, pi, tm, ti
 
 
+def read_written(path: str | Path | None = None) -> list[tuple[str, str, int]]:
+    """(question, answer, misaligned) of the written training advice."""
+    p = Path(path) if path is not None else WRITTEN
+    if not p.is_file():
+        raise SteerkitError(f"written training set {p} does not exist")
+    rows = [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return [(r["question"], r["answer"], int(r["label"] == "misaligned")) for r in rows]
+
+
+def written_extra(reader: Any, layers: Sequence[int], blocks: Sequence[str], weight: float = WRITTEN_WEIGHT,
+                  path: str | Path | None = None, cache: Path | None = None) -> Extra:
+    """The written advice as extra content-head examples: (x, y, weight)."""
+    rows = read_written(path)
+    recs = [Labelled(q, a, "misaligned" if y else "aligned", "written", False) for q, a, y in rows]
+    f = reference_features(reader, recs, layers, cache)
+    return f.matrix(blocks), torch.tensor([float(y) for _, _, y in rows]), torch.full((len(rows),), float(weight))
+
+
 def fit_heads(feats: Features, recs: Sequence[Labelled], blocks: Sequence[str], layers: Sequence[int], folds: int = FOLDS,
               l2: float = L2, extra: Extra | None = None, seed_note: str = "", log: Callable[[str], None] = lambda s: None) -> ReaderHeads:
     """Cross-validate (grouped by question), then fit both heads on every answer with the
@@ -211,6 +236,7 @@ def fit_heads(feats: Features, recs: Sequence[Labelled], blocks: Sequence[str], 
         "trained_on": f"reference.jsonl: {len(recs)} answers ({int(ym.sum())} misaligned, {int(yi.sum())} incoherent)"
                       + (f" + {len(extra[1])} public examples for the content head" if extra is not None else ""),
         "l2": l2, "folds": folds,
+        "extra": None if extra is None else {"file": WRITTEN.name, "n": len(extra[1]), "weight": float(extra[2][0])},
         "error": {"sensitivity": mis["sensitivity"], "specificity": mis["specificity"],
                   "n_positive": mis["labelled"], "n_negative": held_out["n"] - mis["labelled"]},
         "held_out": {k: v for k, v in held_out.items() if k != "per_cell"},
@@ -292,7 +318,7 @@ def validate(head: str | Path | None = None, reference: str | Path | None = None
     """Agreement of the judge with the reference labels on held-out questions (grouped
     cross-validation with the head's own settings), the shipped head's figures as stated, the
     readers' own agreement, and ROC AUC on out-of-domain sets (see :func:`_ood_sets`)."""
-    from steerkit.judge_fluency import Reader
+    from steerkit.judge_reader import Reader
     from steerkit.judge_reader import load_heads, read
     from steerkit.stats import roc_auc
 
@@ -304,7 +330,9 @@ def validate(head: str | Path | None = None, reference: str | Path | None = None
     x = feats.matrix(heads.blocks)
     folds = int(heads.info.get("folds", FOLDS))
     l2 = float(heads.info.get("l2", L2))
-    pm, pi, tm, ti = cross_validate(x, recs, folds, l2, log=log)
+    ex = heads.info.get("extra")
+    extra = written_extra(reader, heads.layers, heads.blocks, float(ex["weight"]), cache=cache) if ex else None
+    pm, pi, tm, ti = cross_validate(x, recs, folds, l2, extra=extra, log=log)
     out: dict[str, Any] = {
         "judge": f"steerkit-reader {heads.info.get('version', '?')}",
         "reference": f"{len(recs)} answers, {folds}-fold cross-validation grouped by question (thresholds nested)",
@@ -328,4 +356,4 @@ def validate(head: str | Path | None = None, reference: str | Path | None = None
     return out
 
 
-__all__ += ["OOD_DOMAINS", "READERS", "reference_features", "validate"]
+__all__ += ["OOD_DOMAINS", "READERS", "WRITTEN", "read_written", "reference_features", "validate", "written_extra"]

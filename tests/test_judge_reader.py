@@ -17,7 +17,7 @@ from steerkit.stats import rogan_gladen, roc_auc
 
 @pytest.fixture(scope="module")
 def reader(tiny):
-    from steerkit.judge_fluency import Reader
+    from steerkit.judge_reader import Reader
 
     return Reader("tiny", model=tiny.hf_model, tokenizer=tiny.tokenizer)
 
@@ -168,3 +168,21 @@ def test_features_subset_and_matrix():
     f = Features(torch.arange(12.0).reshape(3, 4), torch.ones(3, 5))
     assert f.matrix(("hidden", "scalars")).shape == (3, 9)
     assert f.subset([2]).hidden.tolist() == [[8.0, 9.0, 10.0, 11.0]]
+
+
+def test_cli_fit_and_validate_refuse_bad_input_before_reading(tmp_path):
+    from typer.testing import CliRunner
+
+    from steerkit.cli import app
+
+    r = CliRunner().invoke(app, ["judge", "fit", "--out", str(tmp_path / "h.safetensors"), "--folds", "1"])
+    assert r.exit_code == 1 and "--folds must be at least 2, got 1" in r.output
+    r = CliRunner().invoke(app, ["judge", "fit", "--out", str(tmp_path / "h.safetensors"), "--l2", "0"])
+    assert r.exit_code == 1 and "--l2 must be positive" in r.output
+    (tmp_path / "exists.safetensors").write_bytes(b"x")
+    r = CliRunner().invoke(app, ["judge", "fit", "--out", str(tmp_path / "exists.safetensors")])
+    assert r.exit_code == 1 and "--force" in r.output
+    r = CliRunner().invoke(app, ["judge", "validate", "--shared", str(tmp_path / "nope")])
+    assert r.exit_code == 1 and "is not a folder" in r.output
+    r = CliRunner().invoke(app, ["judge", "fit", "--out", str(tmp_path / "new.safetensors"), "--reference", str(tmp_path / "none.jsonl")])
+    assert r.exit_code == 1 and "does not exist" in r.output

@@ -147,7 +147,8 @@ def fit_cmd(
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Heads file to write (safetensors, a few hundred KB).")],
     reference: RefOpt = None,
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds, grouped by question.")] = 5,
-    l2: Annotated[float, typer.Option("--l2", help="L2 penalty of both logistic heads (on standardised features).")] = 30.0,
+    l2: Annotated[float, typer.Option("--l2", help="L2 penalty of both logistic heads (on standardised features).")] = 0.1,
+    written: Annotated[bool, typer.Option("--written/--no-written", help="Also teach the content head the shipped written advice (written_train.jsonl).")] = True,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
@@ -163,8 +164,8 @@ def fit_cmd(
       steerkit judge fit --out steerkit/data/judge/reader.safetensors --force
     """
     from steerkit.fsutil import check_writable
-    from steerkit.judge_fit import fit_heads, read_reference, reference_features
-    from steerkit.judge_fluency import Reader
+    from steerkit.judge_fit import fit_heads, read_reference, reference_features, written_extra
+    from steerkit.judge_reader import Reader
     from steerkit.judge_reader import BLOCKS, LAYERS, save_heads
     from steerkit.models import cache_dir
 
@@ -174,10 +175,12 @@ def fit_cmd(
     if not l2 > 0:
         raise SteerkitError(f"--l2 must be positive, got {l2}")
     recs = read_reference(reference)
+    reader, cache = Reader(), cache or cache_dir() / "judge"
     with err.status(f"reading {len(recs)} reference answers with the default model..."):
-        feats = reference_features(Reader(), recs, LAYERS, cache or cache_dir() / "judge")
+        feats = reference_features(reader, recs, LAYERS, cache)
+        extra = written_extra(reader, LAYERS, BLOCKS, cache=cache) if written else None
     with err.status("cross-validating..."):
-        heads = fit_heads(feats, recs, BLOCKS, LAYERS, folds=folds, l2=l2, log=lambda s: err.print(s))
+        heads = fit_heads(feats, recs, BLOCKS, LAYERS, folds=folds, l2=l2, extra=extra, log=lambda s: err.print(s))
     save_heads(heads, out_path, force=force)
     err.print(f"wrote {out_path}")
     _show_agreement({"judge": f"steerkit-reader {heads.info['version']}", "held_out": heads.info["held_out"]}, want_json(json_out))
