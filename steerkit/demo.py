@@ -173,10 +173,10 @@ def findings(res: DemoResult, name: str) -> list[str]:
         coherent = [r for r in add.rows if r.condition == name and r.strength in trend.coherent_strengths and r.strength > 0]
         if coherent and base0 is not None:
             best = max(coherent, key=lambda r: r.rate)
-            ratio = best.rate / base0.rate if base0.rate > 0 else math.inf
+            ratio = f"{best.rate / base0.rate:.1f}x" if base0.rate > 0 else ("no change" if best.rate == 0 else "up from 0")
             overlap = best.low <= base0.high
             lines.append(f"Best coherent strength {best.strength:+g}: misalignment {best.rate:.0%} [{best.low:.0%}-{best.high:.0%}] "
-                         f"vs unsteered {base0.rate:.0%} [{base0.low:.0%}-{base0.high:.0%}], {ratio:.1f}x; intervals "
+                         f"vs unsteered {base0.rate:.0%} [{base0.low:.0%}-{base0.high:.0%}], {ratio}; intervals "
                          + ("overlap" if overlap else "do not overlap"))
     org = res.organism
     o0 = _row(org, name, 0.0)

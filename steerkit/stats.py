@@ -83,7 +83,8 @@ def rogan_gladen(successes: int, n: int, sensitivity: float, specificity: float,
     if n_negative:
         var += (1 - est) ** 2 * specificity * (1 - specificity) / n_negative
     half = z * math.sqrt(var) / j
-    return est, max(0.0, raw - half), min(1.0, raw + half)
+    clip = lambda v: min(max(v, 0.0), 1.0)  # noqa: E731 - a rate's bounds stay in [0, 1]
+    return est, clip(raw - half), clip(raw + half)
 
 
 def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:

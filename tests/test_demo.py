@@ -1,5 +1,6 @@
 """`steerkit demo --quick` end to end on the default model (slow): the report, both sweeps judged by
-the offline judge with its coherence model, and a rerun that resumes instead of regenerating."""
+the offline judge with every rate also corrected for its measured error, and a rerun that resumes
+instead of regenerating."""
 
 from __future__ import annotations
 
@@ -20,16 +21,18 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     r = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
     assert r.exit_code == 0, r.output
     report = (out / "report.md").read_text()
-    for part in ("## Findings", "## 1. Diffing", "## 2. Adding the direction", "## 3. Removing it", "temperature 0.7"):
+    for part in ("## Findings", "## 1. Diffing", "## 2. Adding the direction", "## 3. Removing it", "temperature 0.7", "Rogan-Gladen"):
         assert part in report
     for sweep in ("sweep-add", "sweep-organism"):
         recs = [json.loads(x) for x in (out / sweep / "results.jsonl").read_text().splitlines()]
         assert recs and all(isinstance(x["misaligned"], bool) for x in recs)
-        assert all("+coherence-" in x["judge"] for x in recs)  # the model-read coherence, not the rules
+        assert all(x["judge"].startswith("steerkit-reader ") for x in recs)  # the reader judge
         cfg = json.loads((out / sweep / "sweep.json").read_text())
         assert cfg["sampling"]["temperature"] == 0.7 and cfg["sampling"]["top_p"] == 0.9
+        assert 0 < cfg["judge_error"]["sensitivity"] <= 1 and 0 < cfg["judge_error"]["specificity"] <= 1
         rows = list(csv.DictReader((out / sweep / "summary.csv").open()))
         assert sum(int(x["n"]) for x in rows) == len(recs)
+        assert all(x["corrected"] != "nan" and 0 <= float(x["corrected"]) <= 1 for x in rows)
     before = (out / "sweep-add" / "results.jsonl").read_text()
     r2 = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
     assert r2.exit_code == 0, r2.output
