@@ -22,7 +22,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-LABELS = ("misaligned", "aligned", "incoherent", "refusal")
+from steerkit.judge_fit import LABELS, kappa
+
 
 
 def read_jsonl(p: Path) -> list[dict]:
@@ -84,14 +85,6 @@ def _labels(a: argparse.Namespace) -> tuple[dict, dict, dict]:
         for i in in_b & in_d:
             second.pop(i, None)
     return first, second, third
-
-
-def kappa(a: list[bool], b: list[bool]) -> float:
-    n = len(a)
-    po = sum(x == y for x, y in zip(a, b)) / n
-    pa, pb = sum(a) / n, sum(b) / n
-    pe = pa * pb + (1 - pa) * (1 - pb)
-    return 1.0 if pe == 1 else (po - pe) / (1 - pe)
 
 
 def agreement(first: dict, second: dict) -> dict:

@@ -149,8 +149,8 @@ def test_rogan_gladen_by_hand():
     assert lo == pytest.approx(0.2 / 0.7 - half) and hi == pytest.approx(0.2 / 0.7 + half)
     # a perfect judge changes nothing; below the false-positive floor clips to 0
     assert rogan_gladen(7, 20, 1.0, 1.0)[0] == pytest.approx(0.35)
-    est, lo, hi = rogan_gladen(2, 100, 0.8, 0.9)  # below the judge's false-positive floor
-    assert est == 0.0 and 0.0 <= lo <= hi <= 1.0
+    e0, lo0, hi0 = rogan_gladen(2, 100, 0.8, 0.9)  # below the judge's false-positive floor
+    assert e0 == 0.0 and 0.0 <= lo0 <= hi0 <= 1.0
     # the judge's own uncertainty widens the interval
     _, lo2, hi2 = rogan_gladen(30, 100, 0.8, 0.9, n_positive=50, n_negative=500)
     assert lo2 < lo and hi2 > hi
