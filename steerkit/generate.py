@@ -264,6 +264,7 @@ def _generate_batch(
     # the unwrapped twin is faster; the bridge path is kept when someone hooked the bridge themselves
     on_twin = getattr(model, "twin", None) is not None and bridge_hook_count(model) == 0
     net = model.twin if on_twin else model.hf_model
+    cache_kw = _cache_kwarg(net)  # once per batch, not per decode step
     with steering(model, plan, twin=on_twin) as pm:
         pm.mask = prefill_mask
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -317,7 +318,7 @@ def _generate_batch(
             cur_attn = torch.cat([cur_attn, torch.ones((len(alive), 1), dtype=cur_attn.dtype, device=dev)], dim=1)
             pos = (cur_attn.sum(-1, keepdim=True) - 1)
             pm.mask = torch.full((len(alive), 1), step_on, dtype=torch.bool, device=dev)
-            o = net(input_ids=nxt[:, None], attention_mask=cur_attn, position_ids=pos, use_cache=True, **{_cache_kwarg(net): past})
+            o = net(input_ids=nxt[:, None], attention_mask=cur_attn, position_ids=pos, use_cache=True, **{cache_kw: past})
             past = _cache_of(o)
             logits = o.logits[:, -1]
     completions = []
