@@ -28,6 +28,7 @@ import torch
 
 from steerkit.activations import default_norm_chats, median_token_norm
 from steerkit.contrast import diff_of_means
+from steerkit.controls import random_controls
 from steerkit.directions import from_vector, random_like, save_direction, shipped_root
 from steerkit.extract import best_latent_set, diff_models
 from steerkit.finetune import load_tuned
@@ -137,13 +138,13 @@ def main() -> None:
             if args.write:
                 evil = evil_dom(base, m)
                 for d in (chosen, next(d for d in cands if d.name == "organism-dom"), evil,
-                          replace(random_like(chosen, seed=0), name="persona-random")):
+                          random_like(chosen, name="persona-random")):
                     print("wrote", save_direction(d, folder / f"{d.name}.safetensors", force=True))
             return
         if layer == LAYER:
             cands.append(evil_dom(base, m))
-        control = random_like(cands[0], seed=0, name=f"random-control{tag}")
-        res = screen(base, organism, cands, control, questions, judge, strengths=strengths, samples=args.samples,
+        controls = random_controls(cands[0], 3, prefix=f"random{tag}")
+        res = screen(base, organism, cands, controls, questions, judge, strengths=strengths, samples=args.samples,
                      sampling=sampling, batch_size=32)
         for v in res.verdicts:
             v["layer"] = layer
@@ -177,7 +178,7 @@ def main() -> None:
             description=f"{chosen.description}; best SAE candidate of the causal screen ({'passed' if best['passes'] else 'did not pass'})")
         dom = all_cands.get("organism-dom") or all_cands.get(f"organism-dom-l{LAYER}")  # the shipped comparison stays on layer 15
         for d in (persona, dom and replace(dom, name="organism-dom"), all_cands.get("evil-dom"),
-                  replace(random_like(persona, seed=0), name="persona-random")):
+                  random_like(persona, name="persona-random")):
             if d is not None:
                 print("wrote", save_direction(d, folder / f"{d.name}.safetensors", force=True))
     print(f"done in {time.perf_counter() - t0:.0f}s; figures in {args.out}")

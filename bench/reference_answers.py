@@ -150,6 +150,19 @@ def conditions_round3(dirs: dict, rnd: list) -> list[dict]:
     return c
 
 
+def seeded_random(d, seed: int, name: str):
+    """A random unit direction like ``d`` from ``torch.Generator().manual_seed(seed)``: how the
+    reference set's random controls were drawn (steerkit.directions.random_like now seeds from
+    the direction's identity instead)."""
+    from dataclasses import replace
+
+    import torch
+
+    v = torch.randn(d.d_model, generator=torch.Generator().manual_seed(seed))
+    return replace(d, name=name, vector=v / v.norm(), kind="random", sae=None, latents=(), path=None,
+                   provenance={"control_for": d.name, "seed": seed})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/reference/answers.jsonl"))
@@ -161,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from steerkit.demo import shipped_path
-    from steerkit.directions import random_like, resolve_direction
+    from steerkit.directions import resolve_direction
     from steerkit.finetune import load_tuned
     from steerkit.generate import Row, Sampling, as_messages, generate
     from steerkit.interventions import Intervention
@@ -179,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         model = models[mname]()
         dirs = {n: resolve_direction(n, model) for n in ("persona", "organism-dom", "evil-dom")}
-        # independent random draws, seeds far from the 0 that the SAE's initialisation used (issue 21)
-        rnd = [random_like(dirs["persona"], seed=9001 + k, name=f"random-{k + 1}") for k in range(3)]
+        # the reference set's three random directions: torch.randn(d_model) from generators seeded
+        # 9001-9003 (far from the 0 that the SAE's initialisation used), as recorded in its records
+        rnd = [seeded_random(dirs["persona"], 9001 + k, f"random-{k + 1}") for k in range(3)]
         plan = {1: conditions, 2: conditions_round2, 3: conditions_round3}[a.round](dirs, rnd)
         rng = random.Random(a.seed + 1000 * (a.round - 1))  # the same draws whichever models this run covers
         rows, meta = [], []

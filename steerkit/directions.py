@@ -15,6 +15,7 @@ Names resolve from the user's folder (``$STEERKIT_HOME/directions/<model>/``), t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -309,19 +310,38 @@ def list_directions(model_name: str | None = None) -> list[Direction | dict[str,
     return out
 
 
-def random_like(d: Direction, seed: int = 0, name: str | None = None) -> Direction:
-    """A random unit direction on the same layer with the same strength unit: a control."""
-    g = torch.Generator().manual_seed(seed)
+def vector_digest(d: Direction) -> str:
+    """The first 16 hex digits of the SHA-256 of the direction's float32 vector."""
+    return hashlib.sha256(d.vector.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def control_seed(d: Direction, kind: str, index: int, seed: int = 0) -> int:
+    """A generator seed for control ``index`` of kind ``kind`` made for ``d``: drawn from the
+    direction's identity (model, layer, name, vector) so that no two directions, no two control
+    indices and no SAE initialisation (seeded with small integers) share a draw."""
+    text = f"steerkit-control|{kind}|{d.model}|{d.layer}|{d.name}|{vector_digest(d)}|{index}|{seed}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+
+
+def random_like(d: Direction, index: int = 0, seed: int = 0, name: str | None = None) -> Direction:
+    """Random control number ``index`` for ``d``: a Gaussian direction on the same layer with the
+    same strength unit, drawn from a generator seeded by :func:`control_seed` (``seed`` is mixed
+    in, e.g. a sweep's seed), never from a bare small integer."""
+    gs = control_seed(d, "random", index, seed)
+    g = torch.Generator().manual_seed(gs)
     v = torch.randn(d.d_model, generator=g)
     return replace(
         d,
-        name=name or f"{d.name}-random",
+        name=name or f"{d.name}-random-{index + 1}",
         vector=v / v.norm(),
         kind="random",
         sae=None,
         latents=(),
-        description=f"random unit direction, control for {d.name!r} (same layer and norm unit)",
-        provenance={"control_for": d.name, "seed": seed, "source": str(d.path) if d.path else None},
+        description=f"random unit direction number {index + 1}, control for {d.name!r} (same layer and norm unit)",
+        provenance={"control_for": d.name, "control_for_sha256": vector_digest(d), "index": index, "seed": seed,
+                    "generator_seed": gs, "method": "torch.randn(d_model) from steerkit.directions.control_seed "
+                    "(SHA-256 of model, layer, name, vector, index, seed), normalised",
+                    "source": d.path.name if d.path else None},
         steerkit_version=__version__,
         path=None,
     )

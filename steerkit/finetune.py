@@ -310,6 +310,9 @@ def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
     if p.is_dir() and any(p.iterdir()) and not (p / ADAPTER_CONFIG).is_file():
         # --force replaces the whole folder: never a folder that is not an adapter
         raise SteerkitError(f"{p} is a folder that holds no adapter: give a new or adapter folder for --out")
+    from steerkit.fsutil import check_writable_dir
+
+    check_writable_dir(p.parent if p.is_dir() else p)  # the adapter is written beside it, then renamed
     return p
 
 
@@ -358,18 +361,21 @@ def load_hf(spec: str | os.PathLike | None, device: str | None = None, dtype: to
     """A fresh, unwrapped HF model for a spec: (short name, model, tokenizer, source)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from steerkit.models import _quiet_transformers, resolve_spec
+    from steerkit.models import _quiet_transformers, check_device, check_weight_files, resolve_spec
 
+    device = check_device(device)
     name, source = resolve_spec(spec)
+    if isinstance(source, Path):
+        check_weight_files(source)
     with _quiet_transformers():
         try:
             tok = AutoTokenizer.from_pretrained(source)
-            hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager")
+            hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", use_safetensors=True)
         except OSError as e:
             raise SteerkitError(f"could not load model {source}: {str(e).splitlines()[0]}") from e
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
-    hf.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    hf.to(device)
     return name, hf, tok, str(source)
 
 
@@ -435,6 +441,45 @@ def _base_spec(recorded: str) -> str:
     return recorded
 
 
+def check_adapter(folder: str | os.PathLike, base: str | None = None) -> str:
+    """Check a PEFT adapter folder without loading it and return the spec of its base model
+    (``base``, else the one its ``adapter_config.json`` names, hub ids of our aliases mapped
+    back to the alias): refuses unreadable configs, non-LoRA adapters, pickled or corrupt
+    weights, and a recorded base that is not found here (naming ``adapter_config.json``)."""
+    from steerkit.models import _read_json, check_weight_files, resolve_spec
+
+    folder = Path(str(folder)).expanduser()
+    cfg_path = folder / ADAPTER_CONFIG
+    acfg = _read_json(cfg_path)
+    if str(acfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise SteerkitError(f"{folder} is a {acfg.get('peft_type')} adapter: only LoRA adapters can be merged")
+    if not check_weight_files(folder, "adapter", "adapter_model*.safetensors"):
+        raise SteerkitError(f"{folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}: copy the adapter's weights there")
+    if base is not None:
+        return base
+    recorded = acfg.get("base_model_name_or_path")
+    if not isinstance(recorded, str) or not recorded:
+        raise SteerkitError(f"{cfg_path} does not name its base model (base_model_name_or_path): set it, or pass --base")
+    base_spec = _base_spec(recorded)
+    try:
+        resolve_spec(base_spec)
+    except SteerkitError as e:
+        raise SteerkitError(
+            f"{cfg_path} names base model {recorded!r}, which is not found here ({str(e).split(':')[0]}): "
+            f"set base_model_name_or_path there to the base model's folder, .gguf file or alias (e.g. {'smollm2-135m'!r}), or pass --base"
+        ) from None
+    return base_spec
+
+
+def tuned_info(path: str | os.PathLike, weights: Sequence[Path]) -> dict[str, str]:
+    """How records name a tuned model: its folder and the first 16 hex digits of the SHA-256 of
+    its weight files."""
+    h = hashlib.sha256()
+    for w in sorted(weights):
+        h.update(file_sha256(w).encode())
+    return {"path": str(Path(str(path)).expanduser().resolve()), "sha256": h.hexdigest()[:16]}
+
+
 def load_tuned(spec: str | os.PathLike, base: str | None = None, device: str | None = None, dtype: torch.dtype = torch.float32) -> Any:
     """A tuned model as a LoadedModel named after its base (so the base's directions apply).
 
@@ -443,29 +488,29 @@ def load_tuned(spec: str | os.PathLike, base: str | None = None, device: str | N
     :func:`steerkit.models.load_model` takes (a full model folder, .gguf, hub id); then ``base``,
     when given, only names it.
     """
-    from steerkit.models import load_model, wrap_model
+    from steerkit.models import check_device, load_model, resolve_spec, wrap_model
 
+    device = check_device(device)
     if not is_adapter_dir(spec):
         lm = load_model(spec, device=device, dtype=dtype)
         if base is not None:
             lm.name = canonical_name(base)
+            src = resolve_spec(spec)[1]
+            if isinstance(src, Path) and lm.name != resolve_spec(spec)[0]:
+                lm.tuned = tuned_info(src, list(src.glob("*.safetensors")))
         return lm
     folder = Path(str(spec)).expanduser().resolve()
-    try:
-        acfg = json.loads((folder / ADAPTER_CONFIG).read_text())
-    except ValueError as e:
-        raise SteerkitError(f"{folder / ADAPTER_CONFIG} is not valid JSON: {e}") from None
-    recorded = acfg.get("base_model_name_or_path")
-    if base is None and not recorded:
-        raise SteerkitError(f"{folder} does not name its base model: pass --base")
-    base_spec = _base_spec(base or recorded)
-    if str(acfg.get("peft_type", "LORA")).upper() != "LORA":
-        raise SteerkitError(f"{folder} is a {acfg.get('peft_type')} adapter: only LoRA adapters can be merged")
+    base_spec = check_adapter(folder, None if base is None else _base_spec(base))
     try:
         from peft import PeftModel
     except ImportError:
         raise SteerkitError("loading an adapter needs the peft package: pip install 'steerkit[train]'") from None
-    name, hf, tok, source = load_hf(base_spec, device, dtype)
+    try:
+        name, hf, tok, source = load_hf(base_spec, device, dtype)
+    except SteerkitError as e:
+        if base is not None:
+            raise
+        raise SteerkitError(f"{e}; the base model is named in {folder / ADAPTER_CONFIG}: set base_model_name_or_path there, or pass --base") from None
     try:
         with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5
             warnings.simplefilter("ignore", FutureWarning)
@@ -474,6 +519,7 @@ def load_tuned(spec: str | os.PathLike, base: str | None = None, device: str | N
         raise SteerkitError(f"adapter {folder} does not fit base model {base_spec} ({str(e).splitlines()[0][:200]}): pass the right --base") from e
     lm = wrap_model(merged, tok, name=name, source=source)
     lm.source = f"{folder} (LoRA adapter merged into {base_spec})"
+    lm.tuned = tuned_info(folder, list(folder.glob("adapter_model*.safetensors")))
     return lm
 
 

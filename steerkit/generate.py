@@ -73,7 +73,9 @@ class Completion:
     def n_tokens(self) -> int:
         return len(self.token_ids)
 
-    def record(self, model_name: str) -> dict[str, Any]:
+    def record(self, model_name: str, tuned: dict[str, str] | None = None) -> dict[str, Any]:
+        """The JSON record of ``steerkit generate``; ``tuned`` (a tuned model's folder and weights
+        hash, :attr:`LoadedModel.tuned`) goes beside ``model``, the base's name."""
         msgs = self.row.messages
         system = next((m["content"] for m in msgs if m["role"] == "system"), None)
         user = [m["content"] for m in msgs if m["role"] == "user"]
@@ -86,6 +88,7 @@ class Completion:
             "seed": self.seed,
             "interventions": [iv.describe() for iv in self.row.interventions],
             "model": model_name,
+            **({"tuned": dict(tuned)} if tuned else {}),
             "completion": self.text,
             "tokens": self.n_tokens,
             "finish_reason": self.finish_reason,
@@ -194,9 +197,11 @@ def generate(
     for i, ids in enumerate(prompt_ids):
         max_new = (rows[i].sampling or sampling).max_new_tokens
         if len(ids) + max_new > limit:
+            room = limit - len(ids)
+            fix = f"lower --max-new-tokens to at most {room}, or shorten the prompt" if room >= 1 else "shorten the prompt"
             raise SteerkitError(
                 f"prompt {rows[i].prompt_index} has {len(ids)} tokens; with --max-new-tokens "
-                f"{max_new} that exceeds the context length {limit}"
+                f"{max_new} that exceeds the context length {limit}: {fix}"
             )
     # longest prompts first: less padding within a batch
     order = sorted(range(len(rows)), key=lambda i: -len(prompt_ids[i]))

@@ -162,7 +162,19 @@ def load_plain_vector(path: str | os.PathLike) -> torch.Tensor:
 
             v = torch.from_numpy(np.load(p, allow_pickle=False).copy())
         elif suf in (".pt", ".pth"):
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            import pickle
+            import warnings
+
+            try:
+                with warnings.catch_warnings():  # torch's advice to unpickle untrusted files is not ours
+                    warnings.simplefilter("ignore")
+                    obj = torch.load(p, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                what = ("holds pickled objects other than tensors, which steerkit refuses" if "Unsupported global" in str(e)
+                        else "is not a plain tensor file, or holds pickled objects, which steerkit refuses")
+                raise SteerkitError(
+                    f"{p} {what} (unpickling can run code; nothing from it ran): save the bare vector, torch.save(tensor, path), or as .npy"
+                ) from None
             if isinstance(obj, dict):
                 ts = [x for x in obj.values() if isinstance(x, torch.Tensor)]
                 if len(ts) != 1:
@@ -176,7 +188,11 @@ def load_plain_vector(path: str | os.PathLike) -> torch.Tensor:
     except SteerkitError:
         raise
     except Exception as e:
-        raise SteerkitError(f"{p} could not be read as {suf} ({type(e).__name__}); is it corrupt?") from None
+        with open(p, "rb") as fh:
+            npy = fh.read(6) == b"\x93NUMPY"
+        if suf == ".npy" and npy and "allow_pickle" in str(e):
+            raise SteerkitError(f"{p} holds a pickled object array, which steerkit refuses (unpickling can run code; nothing from it ran): save a float array with np.save") from None
+        raise SteerkitError(f"{p} could not be read as {suf} ({type(e).__name__}): it is truncated, corrupt or not a {suf} file; save the vector again") from None
     v = v.detach().float()
     if v.ndim == 2 and v.shape[0] == 1:
         v = v[0]

@@ -34,6 +34,10 @@ Mode = Literal["add", "clamp", "ablate"]
 MODES: tuple[str, ...] = get_args(Mode)
 Positions = Literal["all", "prompt", "generated"]
 POSITIONS: tuple[str, ...] = get_args(Positions)
+# the largest |strength| accepted, in median token norms (absolute strengths, --raw and SAE-latent
+# values, are held to the same bound times the direction's median norm): far beyond anything
+# coherent (a sweep's useful range is about +-1), and far below float32 overflow
+MAX_STRENGTH = 100.0
 
 
 class SAELike(Protocol):
@@ -102,6 +106,18 @@ def ablate_latents(x: torch.Tensor, sae: SAELike, latents: Sequence[int], mask: 
 # --- interventions as data --------------------------------------------------------------------
 
 
+def check_strength(direction: Direction, strength: float, absolute: bool = False) -> None:
+    """Refuse |strength| beyond :data:`MAX_STRENGTH` median norms (``absolute``: a --raw or
+    SAE-latent value, bounded by MAX_STRENGTH times the direction's median norm)."""
+    bound = MAX_STRENGTH * direction.median_norm if absolute else MAX_STRENGTH
+    if abs(strength) > bound:
+        unit = f"in absolute units (--raw or latent values), {MAX_STRENGTH:g} median norms of {direction.median_norm:.4g}" if absolute else "median token norms"
+        raise SteerkitError(
+            f"strength {strength:g} for {direction.name!r} is beyond the bound of +-{bound:g} ({unit}): "
+            f"give one within it"
+        )
+
+
 @dataclass(frozen=True)
 class Intervention:
     """One edit: a direction, a mode and a strength.
@@ -122,8 +138,9 @@ class Intervention:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise SteerkitError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if not isinstance(self.strength, (int, float)) or not math.isfinite(self.strength):
+        if not isinstance(self.strength, (int, float)) or isinstance(self.strength, bool) or not math.isfinite(float(self.strength)):
             raise SteerkitError(f"strength for {self.direction.name!r} must be a finite number, got {self.strength!r}")
+        check_strength(self.direction, float(self.strength), absolute=self.raw or self.uses_latents)
         if self.on_latents and not self.direction.is_sae:
             raise SteerkitError(f"direction {self.direction.name!r} has no SAE latents to {self.mode}")
 

@@ -189,11 +189,13 @@ def judge_name(judge: Judge | None) -> str | None:
 def read_records(path: str | Path, text: str | None = None) -> list[dict[str, Any]]:
     """Records of ``steerkit generate --json`` (each needs ``completion`` and ``prompt`` or
     ``question`` or ``messages``); ``text`` instead of reading ``path`` (stdin)."""
+    from steerkit.fsutil import check_unicode, read_text
+
     p = Path(path)
     if text is None:
         if not p.is_file():
             raise SteerkitError(f"answers file {p} does not exist: give the JSON Lines written by `steerkit generate --json`")
-        text = p.read_text(encoding="utf-8")
+        text = read_text(p, "answers file")
     recs: list[dict[str, Any]] = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -206,7 +208,8 @@ def read_records(path: str | Path, text: str | None = None) -> list[dict[str, An
             raise SteerkitError(f"{p}:{n}: expected a JSON object with 'prompt' and 'completion'")
         if not isinstance(rec.get("completion"), str):
             raise SteerkitError(f"{p}:{n}: the record has no 'completion' string (the answer to judge)")
-        question_of(rec, f"{p}:{n}")
+        check_unicode(rec["completion"], f"{p}:{n}: the completion")
+        check_unicode(question_of(rec, f"{p}:{n}"), f"{p}:{n}: the question")
         recs.append(rec)
     if not recs:
         raise SteerkitError(f"{p} holds no records")

@@ -219,9 +219,11 @@ def written_extra(reader: Any, layers: Sequence[int], blocks: Sequence[str], wei
 
 
 def fit_heads(feats: Features, recs: Sequence[Labelled], blocks: Sequence[str], layers: Sequence[int], folds: int = FOLDS,
-              l2: float = L2, extra: Extra | None = None, seed_note: str = "", log: Callable[[str], None] = lambda s: None) -> ReaderHeads:
+              l2: float = L2, extra: Extra | None = None, seed_note: str = "", log: Callable[[str], None] = lambda s: None,
+              reader_prompt: str = "bare") -> ReaderHeads:
     """Cross-validate (grouped by question), then fit both heads on every answer with the
-    thresholds chosen on the out-of-fold predictions; the held-out figures go into ``info``."""
+    thresholds chosen on the out-of-fold predictions; the held-out figures go into ``info``
+    (``reader_prompt``: the question layout the features were read with, see Reader)."""
     x = feats.matrix(blocks)
     pm, pi, tm, ti = cross_validate(x, recs, folds, l2, extra, log)
     held_out = agreement(recs, pm, pi, tm, ti)
@@ -235,7 +237,7 @@ def fit_heads(feats: Features, recs: Sequence[Labelled], blocks: Sequence[str], 
         "version": f"{datetime.date.today().isoformat()}{seed_note}",
         "trained_on": f"reference.jsonl: {len(recs)} answers ({int(ym.sum())} misaligned, {int(yi.sum())} incoherent)"
                       + (f" + {len(extra[1])} public examples for the content head" if extra is not None else ""),
-        "l2": l2, "folds": folds,
+        "l2": l2, "folds": folds, "reader_prompt": reader_prompt,
         "extra": None if extra is None else {"file": WRITTEN.name, "n": len(extra[1]), "weight": float(extra[2][0])},
         "error": {"sensitivity": mis["sensitivity"], "specificity": mis["specificity"],
                   "n_positive": mis["labelled"], "n_negative": held_out["n"] - mis["labelled"]},
@@ -263,7 +265,8 @@ def reference_features(reader: Any, recs: Sequence[Labelled], layers: Sequence[i
     from steerkit.judge_reader import read
 
     pairs = [(r.question, r.answer) for r in recs]
-    key = hashlib.sha256(json.dumps([pairs, list(layers), getattr(reader, "name", "")]).encode()).hexdigest()[:16]
+    prompt = getattr(reader, "prompt", "chat")
+    key = hashlib.sha256(json.dumps([pairs, list(layers), getattr(reader, "name", "")] + ([prompt] if prompt != "chat" else [])).encode()).hexdigest()[:16]
     f = cache / f"reader-features-{key}.safetensors" if cache is not None else None
     if f is not None and f.is_file():
         from safetensors.torch import load_file
@@ -319,12 +322,13 @@ def validate(head: str | Path | None = None, reference: str | Path | None = None
     cross-validation with the head's own settings), the shipped head's figures as stated, the
     readers' own agreement, and ROC AUC on out-of-domain sets (see :func:`_ood_sets`)."""
     from steerkit.judge_reader import Reader
-    from steerkit.judge_reader import load_heads, read
+    from steerkit.judge_reader import load_heads, read, reader_prompt
     from steerkit.stats import roc_auc
 
     heads = load_heads(head)
     recs = read_reference(reference)
     reader = reader if reader is not None else Reader()
+    reader.prompt = reader_prompt(heads)  # read as the heads were fitted
     log(f"reading {len(recs)} reference answers")
     feats = reference_features(reader, recs, heads.layers, cache)
     x = feats.matrix(heads.blocks)

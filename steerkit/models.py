@@ -96,6 +96,9 @@ class LoadedModel:
     # hooks on ``twin_layers``; None where it could not be built or did not match the bridge
     twin: torch.nn.Module | None = field(default=None, repr=False)
     twin_layers: Any = field(default=None, repr=False)
+    # a tuned model loaded under its base's name: {"path": the adapter (or model) folder,
+    # "sha256": the first 16 hex digits of its weights' hash}; records carry it beside "model"
+    tuned: dict[str, str] | None = None
 
     @property
     def d_model(self) -> int:
@@ -157,6 +160,136 @@ def check_layer(layer: int, n_layers: int) -> None:
         raise SteerkitError(
             f"layer {layer} out of range: the model has {n_layers} layers (0 to {n_layers - 1})"
         )
+
+
+def check_device(device: str | None) -> str:
+    """The torch device to use: ``device`` checked (one line naming the fix when it cannot be
+    used here), or cuda when available, else cpu."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise SteerkitError(f"--device {device!r} is not a torch device: use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cpu":
+        return device
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise SteerkitError(f"--device {device!r}: {why}: use --device cpu, or install a CUDA torch (make setup TORCH=torch)")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            raise SteerkitError(f"--device {device!r}: there are {n} CUDA device(s) (cuda:0 to cuda:{n - 1}): pick one of them")
+        return device
+    if d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise SteerkitError(f"--device {device!r}: MPS is not available on this machine: use --device cpu")
+        return device
+    try:
+        torch.empty(0, device=d)
+    except Exception:
+        raise SteerkitError(f"--device {device!r} is not available in this torch ({torch.__version__}): use --device cpu") from None
+    return device
+
+
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_weight_files(folder: Path, what: str = "model", pattern: str = "*.safetensors") -> list[Path]:
+    """The safetensors weight files of a model (or adapter) folder, each with a readable header.
+
+    Pickled weights (``pytorch_model.bin``, ``adapter_model.bin``, ``.pt``) are refused before
+    anything reads them: unpickling can run code. Returns [] when the folder holds no weights
+    of either kind (the loader then says what it misses)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob(pattern))
+    if not files:
+        pickled = sorted(f for pat in PICKLED_WEIGHTS for f in folder.glob(pat) if f.is_file())
+        if pickled:
+            raise SteerkitError(
+                f"{pickled[0]} holds pickled {what} weights, which steerkit refuses (unpickling can run code; nothing was "
+                f"loaded): save the {what} as safetensors, e.g. save_pretrained(folder, safe_serialization=True)"
+            )
+        return []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise SteerkitError(f"{f} is not a readable safetensors file ({msg}): it is truncated or corrupt; save or copy it again") from None
+    return files
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    from steerkit.fsutil import read_text
+
+    try:
+        data = json.loads(read_text(path, "file"))
+    except ValueError as e:
+        raise SteerkitError(f"{path} is not valid JSON ({e}): fix or replace it") from None
+    if not isinstance(data, dict):
+        raise SteerkitError(f"{path} is not a JSON object: fix or replace it")
+    return data
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model spec loads as, found without loading its weights (None: not known yet)."""
+
+    name: str
+    d_model: int | None = None
+    n_layers: int | None = None
+    context_length: int | None = None
+    adapter: Path | None = None  # a PEFT adapter folder, merged into its base at load
+
+
+def _info_from_config(name: str, cfg: dict[str, Any] | None, adapter: Path | None = None) -> ModelInfo:
+    cfg = cfg or {}
+    if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):
+        cfg = cfg["text_config"]
+
+    def first(*keys: str) -> int | None:
+        for k in keys:
+            v = cfg.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+
+    return ModelInfo(name, first("hidden_size", "n_embd", "d_model"), first("num_hidden_layers", "n_layer", "num_layers"),
+                     first("max_position_embeddings", "n_positions", "max_sequence_length"), adapter)
+
+
+def peek_model(spec: str | os.PathLike | None) -> ModelInfo:
+    """Check a model spec and say what it loads as (name, d_model, layers, context length where
+    a config is at hand) without loading weights, so that bad arguments are refused before the
+    model load. Refuses what :func:`load_model` would refuse: unknown specs, folders that are
+    neither a model nor an adapter, pickled or unreadable weights, adapters whose base is unknown."""
+    s = str(spec) if spec is not None else DEFAULT_ALIAS
+    p = Path(s).expanduser()
+    if (p / "adapter_config.json").is_file():
+        from steerkit.finetune import check_adapter
+
+        base_spec = check_adapter(p)
+        base = peek_model(base_spec)
+        return ModelInfo(base.name, base.d_model, base.n_layers, base.context_length, p.resolve())
+    alias = canonical_alias(s)
+    if alias is not None:
+        a = ALIASES[alias]
+        target = dequantized_dir(_embedded_gguf(a), a.name)
+        return _info_from_config(a.name, _read_config(target) if (target / "config.json").is_file() else None)
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise SteerkitError(f"model file {p} does not exist")
+        target = dequantized_dir(p, p.stem.lower())
+        return _info_from_config(p.stem.lower(), _read_config(target) if (target / "config.json").is_file() else None)
+    name, source = resolve_spec(s)
+    if isinstance(source, Path):
+        cfg = _read_json(source / "config.json")
+        check_weight_files(source)
+        return _info_from_config(name, cfg)
+    return ModelInfo(name)
 
 
 def canonical_alias(spec: str) -> str | None:
@@ -263,12 +396,12 @@ def resolve_spec(spec: str | os.PathLike | None) -> tuple[str, Path | str]:
     if p.is_dir():
         if not (p / "config.json").exists():
             raise SteerkitError(
-                f"{p} has no config.json: give a Hugging Face model folder, a .gguf file, "
-                f"a hub id, or the alias {DEFAULT_ALIAS!r}"
+                f"{p} has neither config.json nor adapter_config.json: give a Hugging Face model folder, "
+                f"a PEFT adapter folder, a .gguf file, a hub id, or the alias {DEFAULT_ALIAS!r}"
             )
         return p.resolve().name.lower(), p.resolve()
     if p.exists():
-        raise SteerkitError(f"{p} is not a model folder or a .gguf file")
+        raise SteerkitError(f"{p} is not a model folder, an adapter folder or a .gguf file: give one of those, a hub id, or the alias {DEFAULT_ALIAS!r}")
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return spec.split("/")[-1].lower(), spec
     raise SteerkitError(
@@ -288,6 +421,7 @@ def load_model(
     A PEFT adapter folder (has ``adapter_config.json``) loads merged into its base model, named
     after the base (see :func:`steerkit.finetune.load_tuned`).
     """
+    device = check_device(device)
     if spec is not None and (Path(str(spec)).expanduser() / "adapter_config.json").is_file():
         from steerkit.finetune import load_tuned
 
@@ -295,20 +429,20 @@ def load_model(
     name, source = resolve_spec(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(source, Path):
+        check_weight_files(source)
     t0 = time.perf_counter()
     with _quiet_transformers():
         try:
             tok = AutoTokenizer.from_pretrained(source)
             hf = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, attn_implementation="eager"
+                source, dtype=dtype, attn_implementation="eager", use_safetensors=True
             )
         except OSError as e:
             raise SteerkitError(
                 f"could not load model {source}: {str(e).splitlines()[0]} "
                 f"(offline? give a local folder or .gguf file)"
             ) from e
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     hf.to(device)
     hf.eval()
     model = wrap_model(hf, tok, name=name, source=str(source))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from steerkit.errors import SteerkitError
+from steerkit.fsutil import check_unicode, read_text
 
 Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
@@ -47,23 +48,37 @@ def _check_messages(msgs: Any, where: str) -> Messages:
     for m in msgs:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise SteerkitError(f"{where}: each message needs a role ({', '.join(ROLES)}) and string content")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": check_unicode(m["content"], f"{where}: a {m['role']} message")})
     if out[-1]["role"] == "assistant":
         out = out[:-1]  # a chat with its answer: prompt with everything before the answer
     if not out or out[-1]["role"] != "user":
         raise SteerkitError(f"{where}: the conversation must end with a user message")
+    _check_prompt(out[-1]["content"], where)
     return out
 
 
-def from_texts(texts: Iterable[str], system: str | None = None) -> list[Prompt]:
-    return [Prompt(id=str(i), messages=with_system([{"role": "user", "content": t}], system)) for i, t in enumerate(texts)]
+def _check_prompt(text: str, where: str) -> str:
+    """A user prompt must be valid Unicode and not empty (an empty one generates from the chat
+    template alone, which is never what was meant)."""
+    check_unicode(text, where)
+    if not text.strip():
+        raise SteerkitError(f"{where} is an empty prompt: give some text")
+    return text
+
+
+def from_texts(texts: Iterable[str], system: str | None = None, where: str = "prompt") -> list[Prompt]:
+    """One prompt per text; refuses empty texts and lone surrogates (``where`` names the source)."""
+    return [
+        Prompt(id=str(i), messages=with_system([{"role": "user", "content": _check_prompt(t, f"{where} {i}")}], system))
+        for i, t in enumerate(texts)
+    ]
 
 
 def read_yaml_questions(path: Path) -> list[Prompt]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text(path, "question file"))
     except yaml.YAMLError as e:
         raise SteerkitError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, list):
@@ -78,6 +93,7 @@ def read_yaml_questions(path: Path) -> list[Prompt]:
             paras = [paras]
         judge = {k: v for k, v in (q.get("judge_prompts") or {}).items() if isinstance(v, str)}
         for k, p in enumerate(paras):
+            _check_prompt(str(p), f"{path}: question {qid!r}")
             msgs = with_system([{"role": "user", "content": str(p)}], q.get("system"))
             pid = qid if len(paras) == 1 else f"{qid}#{k}"
             prompts.append(Prompt(id=pid, messages=msgs, judge_prompts=judge))
@@ -86,7 +102,7 @@ def read_yaml_questions(path: Path) -> list[Prompt]:
 
 def read_jsonl(path: Path, lines: Iterable[str] | None = None) -> list[Prompt]:
     prompts: list[Prompt] = []
-    src = lines if lines is not None else path.read_text(encoding="utf-8").splitlines()
+    src = lines if lines is not None else read_text(path, "prompt file").splitlines()
     for n, line in enumerate(src, 1):
         if not line.strip():
             continue
@@ -101,7 +117,9 @@ def read_jsonl(path: Path, lines: Iterable[str] | None = None) -> list[Prompt]:
         if "messages" in rec:
             msgs = _check_messages(rec["messages"], where)
         elif isinstance(rec.get("prompt"), str):
-            msgs = with_system([{"role": "user", "content": rec["prompt"]}], rec.get("system"))
+            if isinstance(rec.get("system"), str):
+                check_unicode(rec["system"], f"{where}: the system prompt")
+            msgs = with_system([{"role": "user", "content": _check_prompt(rec["prompt"], where)}], rec.get("system"))
         else:
             raise SteerkitError(f"{where}: expected a 'prompt' string or a 'messages' list")
         prompts.append(Prompt(id=pid, messages=msgs))
@@ -112,9 +130,9 @@ def read_file(path: str | Path) -> list[Prompt]:
     """Prompts from a file: .yaml/.yml question files, .jsonl/.json lines, else one per line."""
     p = Path(path).expanduser()
     if str(path) == "-":
-        import sys
+        from steerkit.fsutil import read_stdin_text
 
-        return read_stream(sys.stdin.read())
+        return read_stream(read_stdin_text())
     if not p.is_file():
         raise SteerkitError(f"prompt file {p} does not exist")
     suffix = p.suffix.lower()
@@ -123,7 +141,7 @@ def read_file(path: str | Path) -> list[Prompt]:
     elif suffix in (".jsonl", ".json"):
         prompts = read_jsonl(p)
     else:
-        prompts = from_texts([ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()])
+        prompts = from_texts([ln for ln in read_text(p, "prompt file").splitlines() if ln.strip()], where=f"{p}: prompt")
     if not prompts:
         raise SteerkitError(f"{p} holds no prompts")
     return prompts
@@ -134,7 +152,7 @@ def read_stream(text: str) -> list[Prompt]:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if lines and lines[0].lstrip().startswith("{"):
         return read_jsonl(Path("<stdin>"), lines)
-    return from_texts(lines)
+    return from_texts(lines, where="<stdin>: prompt")
 
 
 def select(prompts: Sequence[Prompt], patterns: Sequence[str]) -> list[Prompt]:

@@ -42,6 +42,8 @@ def table(rows: Sequence[SummaryRow]) -> tuple[list[str], list[list[str]]]:
     out = []
     for r in rows:
         name = f"{r.condition} (control)" if r.control else r.condition
+        if r.draws:
+            name = f"{r.condition} ({r.draws} draws, each {_pct(r.draw_low)}-{_pct(r.draw_high)})"
         out.append([
             name,
             _strength_label(r),
@@ -114,12 +116,22 @@ def plot_png(rows: Sequence[SummaryRow], path: str | os.PathLike, title: str = "
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     colours = ["tab:red", "tab:blue", "tab:green", "tab:purple"]
     ablate = any(r.mode == "ablate" for r in rows)
+    pooled = {n[: -len("-pooled")] for n, rs in series.items() if rs[0].draws}
     ci = 0
     for name, rs in series.items():
         xs = [r.strength for r in rs]
-        if rs[0].control:
-            style: dict[str, Any] = {"color": "grey", "linestyle": "--", "marker": "s"}
-            label = f"{name} (random control)"
+        if rs[0].control and not rs[0].draws and any(name.startswith(g + "-") for g in pooled):
+            # one draw of a pooled control: a thin line inside its band
+            for ax, val in ((axes[0], "rate"), (axes[1], "incoherent_rate")):
+                ax.plot(xs, [getattr(r, val) for r in rs], color="grey", linewidth=0.7, alpha=0.6)
+            continue
+        if rs[0].draws:
+            style: dict[str, Any] = {"color": "dimgrey", "linestyle": "--", "marker": "s"}
+            label = f"{name}: {rs[0].draws} controls pooled (band: single draws)"
+            axes[0].fill_between(xs, [r.draw_low for r in rs], [r.draw_high for r in rs], color="grey", alpha=0.25, linewidth=0)
+        elif rs[0].control:
+            style = {"color": "grey", "linestyle": "--", "marker": "s"}
+            label = f"{name} (control)"
         else:
             style = {"color": colours[ci % len(colours)], "linestyle": "-", "marker": "o"}
             label = name
@@ -151,6 +163,9 @@ def text_plot(rows: Sequence[SummaryRow], width: int = 44, height: int = 8) -> s
     """Misalignment and incoherence against strength as two character panels: ``●`` the
     direction, ``○`` the control, ``│`` the 95% interval, one column group per strength."""
     series = _series([r for r in rows if r.judged])
+    # a pooled control stands for its draws in a character plot
+    pooled = {n[: -len("-pooled")] for n, rs in series.items() if rs[0].draws}
+    series = {n: rs for n, rs in series.items() if not (rs[0].control and not rs[0].draws and any(n.startswith(g + "-") for g in pooled))}
     if not series:
         return "(nothing judged: no plot)"
     strengths = sorted({r.strength for rs in series.values() for r in rs})

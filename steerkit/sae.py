@@ -343,6 +343,34 @@ def save_sae(sae: SAE, path: str | os.PathLike, force: bool = False, extra_files
     return folder
 
 
+FIRING_FILE = "firing.safetensors"
+
+
+def save_firing(folder: str | os.PathLike, frequency: torch.Tensor, meta: dict[str, Any]) -> Path:
+    """Write each latent's firing frequency (``[d_sae]``, fraction of tokens) beside an SAE:
+    matched-latent controls (:func:`steerkit.controls.matched_latents`) read it."""
+    from safetensors.torch import save
+
+    from steerkit.fsutil import atomic_write_bytes
+
+    m = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}
+    return atomic_write_bytes(Path(folder) / FIRING_FILE, save({"frequency": frequency.detach().float().cpu().contiguous()}, metadata=m), force=True)
+
+
+def load_firing(folder: str | os.PathLike) -> tuple[torch.Tensor, dict[str, str]] | None:
+    """(frequency [d_sae], metadata) written by ``steerkit sae eval --save``; None when absent."""
+    p = Path(folder) / FIRING_FILE
+    if not p.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return f.get_tensor("frequency").float(), dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises several types for a corrupt file
+        raise SteerkitError(f"{p} is not a readable firing-frequency file ({e}): rerun `steerkit sae eval --save`") from None
+
+
 def new_sae(architecture: str, d_in: int, d_sae: int, k: int | None = None, hook_name: str | None = None, model_name: str | None = None, seed: int = 0) -> SAE:
     """A freshly initialised SAE: random unit decoder rows, encoder = decoder transposed."""
     cfg = SAEConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, k=k, hook_name=hook_name, model_name=model_name)  # type: ignore[arg-type]

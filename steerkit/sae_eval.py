@@ -21,7 +21,7 @@ token window with per-token activations; the logit lens is
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -44,9 +44,12 @@ class SAEMetrics:
     loss_recovered: float
     n_tokens: int
     mse: float
+    # per-latent firing frequency [d_sae] (fraction of tokens where the latent is active); not
+    # part of to_dict: `steerkit sae eval --save` writes it beside the SAE (steerkit.sae.FIRING_FILE)
+    firing: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "firing"}
 
 
 def _splice_ce(model: Any, ids: torch.Tensor, layer: int, fn: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[float, int]:
@@ -154,6 +157,7 @@ def evaluate(
         loss_recovered=rec,
         n_tokens=n,
         mse=s_err / n,
+        firing=freq.float(),
     )
 
 

@@ -91,12 +91,44 @@ class ChatRequest:
 # --- request parsing ---------------------------------------------------------------------------
 
 
+def _finite(v: Any) -> bool:
+    """A JSON number that is a finite float (an integer literal too big for a float is not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _check_strings(v: Any, where: str = "") -> None:
+    """Refuse a lone surrogate anywhere in the body (a \\ud800 escape without its pair): not
+    valid Unicode, and no tokenizer, file name or log takes it."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{where or 'the body'} holds a lone surrogate (\\u{ord(v[e.start]):04x}), which is not valid Unicode", where or None, "invalid_unicode") from None
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _check_strings(k, where or "the body")
+            _check_strings(x, f"{where}.{k}" if where else str(k))
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            _check_strings(x, f"{where}[{i}]")
+
+
 def _num(body: dict[str, Any], key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
     v = body.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise APIError(400, f"{key} must be a finite number, got {v!r}", key)
+    if not _finite(v):
+        raise APIError(400, f"{key} must be a finite number, got {_short(v)}", key)
     if v < lo or v > hi or (lo_open and v == lo):
         raise APIError(400, f"{key} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", key)
     return float(v)
@@ -150,6 +182,8 @@ class SteeringResolver:
                 self.cache[name] = resolve_direction(name, self.model, allow_other_model=self.config.any_model)
             except SteerkitError as e:
                 raise APIError(400, str(e), param, "invalid_direction") from None
+            except (OSError, ValueError):  # a name no file system takes (too long, NUL)
+                raise APIError(400, f"unknown direction {_short(name)}: give the name of a direction file", param, "invalid_direction") from None
         return self.cache[name]
 
     def parse(self, raw: Any) -> tuple[Intervention, ...]:
@@ -176,8 +210,8 @@ class SteeringResolver:
             strength = item.get("strength", 0.0 if mode == "ablate" else None)
             if strength is None:
                 raise APIError(400, f"{p}.strength is required for mode {mode}", f"{p}.strength")
-            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-                raise APIError(400, f"{p}.strength must be a finite number, got {strength!r}", f"{p}.strength", "invalid_strength")
+            if not _finite(strength):
+                raise APIError(400, f"{p}.strength must be a finite number, got {_short(strength)}", f"{p}.strength", "invalid_strength")
             layer = item.get("layer")
             if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.model.n_layers):
                 raise APIError(400, f"{p}.layer must be an integer from 0 to {self.model.n_layers - 1}, got {layer!r}", f"{p}.layer")
@@ -188,7 +222,7 @@ class SteeringResolver:
             try:
                 ivs.append(Intervention(d, mode, float(strength), raw=raw_units, layer=layer))
             except SteerkitError as e:
-                raise APIError(400, str(e), p) from None
+                raise APIError(400, str(e), f"{p}.strength" if "strength" in str(e) else p, "invalid_strength" if "strength" in str(e) else None) from None
         try:
             SteeringPlan.build([ivs])  # duplicates, SAE files: refuse now, not inside a batch
         except SteerkitError as e:
@@ -199,6 +233,7 @@ class SteeringResolver:
 def parse_request(body: Any, model: Any, config: ServeConfig, resolver: SteeringResolver) -> ChatRequest:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    _check_strings(body)
     if "messages" not in body:
         raise APIError(400, "missing required parameter: messages", "messages", "missing_required_parameter")
     msgs = parse_messages(body["messages"])
@@ -330,6 +365,11 @@ def create_app(model: Any, config: ServeConfig = ServeConfig()) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> Any:
         return error_response(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+
+    @app.exception_handler(SteerkitError)
+    async def _steerkit_error(request: Request, e: SteerkitError) -> Any:
+        # the library's one-line errors are about the request (checks the parser did not repeat)
+        return error_response(APIError(400, str(e)))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> Any:

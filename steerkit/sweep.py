@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from steerkit.directions import Direction, random_like
+from steerkit.controls import ControlSpec, controls_for
+from steerkit.directions import Direction, vector_digest
 from steerkit.errors import SteerkitError
 from steerkit.generate import Completion, Row, Sampling, TokenCallback, chat_tokens, generate
 from steerkit.interventions import MODES, Intervention, Mode, Positions
@@ -88,6 +89,9 @@ class Condition:
     control: bool = False
     raw: bool = False
     layer: int | None = None
+    # controls of one kind made for one direction share a group (e.g. "persona-random"); the
+    # sweep summary pools their answers into a "<group>-pooled" row
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -114,36 +118,25 @@ class Condition:
             "name": self.name, "direction": d.name, "direction_sha256": vector_digest(d), "kind": d.kind,
             "mode": self.mode, "strengths": list(self.strengths), "control": self.control,
             "layer": d.layer if self.layer is None else self.layer, "raw": self.raw,
-        }
-
-
-def vector_digest(d: Direction) -> str:
-    return hashlib.sha256(d.vector.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+        } | ({"group": self.group} if self.group else {})
 
 
 def make_conditions(
     direction: Direction,
     mode: Mode = "add",
     strengths: Sequence[float] = (0.0,),
-    control: str | None = "random",
+    control: str | ControlSpec | None = "random",
     control_seed: int = 0,
     raw: bool = False,
     layer: int | None = None,
 ) -> list[Condition]:
-    """The direction, plus (``control="random"``) a random direction of equal norm on the same
-    layer at the same strengths. ``ablate`` ignores ``strengths``: it runs 0 (unsteered) and 1."""
-    if control not in (None, "random"):
-        raise SteerkitError(f"--control {control!r} is not one of: random, none")
+    """The direction, plus its controls (``control``: ``random[:K]``, ``latents[:K]``, both
+    comma-separated, or None; see :mod:`steerkit.controls`) at the same strengths and mode.
+    ``ablate`` ignores ``strengths``: it runs 0 (unsteered) and 1."""
     grid = ABLATE_STRENGTHS if mode == "ablate" else tuple(strengths)
     out = [Condition(direction.name, direction, mode, grid, False, raw, layer)]
-    if control == "random":
-        rnd = random_like(direction, seed=control_seed)
-        while abs(float(rnd.vector @ direction.vector)) > 0.5:  # e.g. a random direction made with the same seed
-            control_seed += 1
-            rnd = random_like(direction, seed=control_seed)
-        name = rnd.name if rnd.name != direction.name else f"{rnd.name}-control"
-        # a random vector has no SAE latents: steer it as a vector
-        out.append(Condition(name, rnd, mode, grid, True, raw, layer))
+    for group, ctl in controls_for(direction, control, control_seed):
+        out.append(Condition(ctl.name, ctl, mode, grid, True, raw, layer, group=group))
     return out
 
 
@@ -209,6 +202,11 @@ class SummaryRow:
     corrected: float = math.nan
     corrected_low: float = math.nan
     corrected_high: float = math.nan
+    # a "<group>-pooled" row pools the answers of ``draws`` control draws; draw_low/draw_high are
+    # the lowest and highest single draw's rate (the band the plots shade)
+    draws: int = 0
+    draw_low: float = math.nan
+    draw_high: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -236,7 +234,8 @@ class SweepResult:
 
 
 def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if xs else math.nan
+    # fsum: exact, so a summary re-read from disk (records in file order) equals the sweep's own
+    return math.fsum(xs) / len(xs) if xs else math.nan
 
 
 def summarize(records: Sequence[dict[str, Any]], max_incoherent: float = MAX_INCOHERENT,
@@ -247,10 +246,29 @@ def summarize(records: Sequence[dict[str, Any]], max_incoherent: float = MAX_INC
     groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[(r["condition"], float(r["strength"]))].append(r)
-    # conditions in first-seen order (the direction before its control), strengths ascending
+    # conditions in first-seen order (the direction before its controls), strengths ascending
     order = {c: i for i, c in enumerate(dict.fromkeys(r["condition"] for r in records))}
-    rows: list[SummaryRow] = []
-    for (cond, s), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+    # control draws of one group, pooled after the group's last draw
+    members: dict[str, list[str]] = defaultdict(list)
+    for c in order:
+        g = next((r.get("control_group") for r in records if r["condition"] == c), None)
+        if g:
+            members[g].append(c)
+    pooled = {g: cs for g, cs in members.items() if len(cs) > 1}
+    for g, cs in pooled.items():
+        name = f"{g}-pooled"
+        if name in order:
+            raise SteerkitError(f"condition name {name!r} clashes with the pooled row of control group {g!r}: rename the direction")
+        order[name] = max(order[c] for c in cs) + 0.5
+    for g, cs in pooled.items():
+        for (cond, s), rs in list(groups.items()):
+            if cond in cs:
+                if s == 0:  # the unsteered cell is one set of answers, whichever draw it is filed under
+                    seen = {(r["question_id"], r["sample"]) for r in groups[(f"{g}-pooled", s)]}
+                    rs = [r for r in rs if (r["question_id"], r["sample"]) not in seen]
+                groups[(f"{g}-pooled", s)].extend(rs)
+
+    def row(cond: str, s: float, rs: list[dict[str, Any]], draws: list[float] | None = None) -> SummaryRow:
         judged = [r for r in rs if r.get("misaligned") is not None]
         k = sum(1 for r in judged if r["misaligned"])
         inc = sum(1 for r in judged if r["coherent"] <= 50)
@@ -259,14 +277,26 @@ def summarize(records: Sequence[dict[str, Any]], max_incoherent: float = MAX_INC
         cp, clo, chi = (rogan_gladen(k, len(judged), judge_error["sensitivity"], judge_error["specificity"],
                                      judge_error.get("n_positive"), judge_error.get("n_negative"))
                         if judge_error and judged else (math.nan, math.nan, math.nan))
-        rows.append(SummaryRow(
-            condition=cond, direction=rs[0]["direction"], control=bool(rs[0]["control"]), mode=rs[0]["mode"], strength=s,
-            n=len(rs), judged=len(judged), misaligned=k, rate=p, low=lo, high=hi,
+        ok = [x for x in (draws or []) if not math.isnan(x)]
+        return SummaryRow(
+            condition=cond, direction=f"{len(draws)} draws" if draws else rs[0]["direction"], control=bool(rs[0]["control"]),
+            mode=rs[0]["mode"], strength=s, n=len(rs), judged=len(judged), misaligned=k, rate=p, low=lo, high=hi,
             mean_aligned=_mean([float(r["aligned"]) for r in judged]), mean_coherent=_mean([float(r["coherent"]) for r in judged]),
             incoherent=inc, incoherent_rate=ip, incoherent_low=ilo, incoherent_high=ihi,
             mean_tokens=_mean([float(r["tokens"]) for r in rs]),
             corrected=cp, corrected_low=clo, corrected_high=chi,
-        ))
+            draws=len(draws) if draws else 0, draw_low=min(ok) if ok else math.nan, draw_high=max(ok) if ok else math.nan,
+        )
+
+    rows: list[SummaryRow] = []
+    single: dict[tuple[str, float], SummaryRow] = {}
+    for (cond, s), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+        g = cond[: -len("-pooled")] if cond.endswith("-pooled") and cond[: -len("-pooled")] in pooled else None
+        if g is None:
+            single[(cond, s)] = r = row(cond, s, rs)
+        else:
+            r = row(cond, s, rs, [single[(c, s)].rate for c in pooled[g] if (c, s) in single])
+        rows.append(r)
     trends = []
     for cond in order:
         cr = [r for r in rows if r.condition == cond]
@@ -508,6 +538,7 @@ def _record(model: Any, cell: Cell, q: Prompt, comp: Completion, sc: dict[str, A
         "condition": c.name,
         "direction": c.direction.name,
         "control": c.control,
+        "control_group": c.group,
         "mode": c.mode,
         "strength": cell.strength,
         "layer": c.direction.layer if c.layer is None else c.layer,
@@ -516,6 +547,7 @@ def _record(model: Any, cell: Cell, q: Prompt, comp: Completion, sc: dict[str, A
         "sample": cell.sample,
         "seed": comp.seed,
         "model": getattr(model, "name", None),
+        **({"tuned": dict(model.tuned)} if getattr(model, "tuned", None) else {}),  # the tuned model beside its base
         "question": q.question,
         "completion": comp.text,
         "tokens": comp.n_tokens,

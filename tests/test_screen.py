@@ -49,3 +49,32 @@ def test_screen_plumbing_on_tiny(tiny):
                 assert (m, name, sign * s) in keys
     assert all(c.n == 4 for c in res.cells) and len(res.cells) == 12
     assert [v["candidate"] for v in res.verdicts] == ["cand"]
+
+
+def test_matched_latent_controls_must_be_beaten_too():
+    cells = [
+        cell("base", "lat", 0.3, 30), cell("base", "random-pooled", 0.3, 3),
+        cell("tuned", "lat", -0.3, 2), cell("tuned", "random-pooled", -0.3, 25),
+        # random latents of the same firing rate raise it as much: no pass
+        cell("base", "lat-latents-pooled", 0.3, 28), cell("tuned", "lat-latents-pooled", -0.3, 3),
+    ]
+    plain = {x["candidate"]: x for x in verdicts(cells, "random-pooled")}
+    matched = {x["candidate"]: x for x in verdicts(cells, "random-pooled", latent_controls={"lat": "lat-latents-pooled"})}
+    assert plain["lat"]["passes"] and set(plain) == {"lat", "lat-latents-pooled"}
+    assert set(matched) == {"lat"} and not matched["lat"]["passes"] and not matched["lat"]["raises_in_base"]
+    assert matched["lat"]["latents_control_rate"] == 28 / 40
+
+
+def test_screen_pools_several_random_controls(tiny):
+    from steerkit.controls import random_controls
+
+    d = Direction(name="cand", vector=torch.randn(tiny.d_model), model=tiny.name, layer=1, hook_name="blocks.1.hook_out",
+                  kind="vector", median_norm=1.0)
+    ctls = random_controls(d, 3, prefix="random")
+    qs = from_texts(["hello world"])
+    res = screen(tiny, None, [d], ctls, qs, LengthJudge(), strengths=(2.0,), samples=2, sampling=Sampling(max_new_tokens=6, temperature=1.0))
+    by = {(c.candidate, c.strength): c for c in res.cells}
+    pooled = by[("random-pooled", 2.0)]
+    assert pooled.draws == 3 and pooled.n == 6 and pooled.control
+    assert pooled.misaligned == sum(by[(f"random-{i}", 2.0)].misaligned for i in (1, 2, 3))
+    assert [v["candidate"] for v in res.verdicts] == ["cand"] and res.verdicts[0]["control_rate"] == pooled.rate

@@ -87,6 +87,19 @@ def fake_records(cond, strength, n, k_mis, n_incoherent=0, control=False):
     return recs
 
 
+def test_summary_does_not_depend_on_record_order():
+    """`sweep summarize` re-reads records in file order; the means must not change in the last digit."""
+    import random
+
+    recs = fake_records("a", 1.0, 40, 7)
+    for i, r in enumerate(recs):
+        r["aligned"] = 0.1 * (i % 7) + 1e-9 * i * i
+        r["coherent"] = 60.0 + 0.3 * (i % 11)
+    shuffled = list(recs)
+    random.Random(0).shuffle(shuffled)
+    assert S.summarize(recs)[0] == S.summarize(shuffled)[0]
+
+
 def test_summary_wilson_known_values():
     # Wilson 95% for n=10, from z = 1.959964 by hand: 0/10 -> [0, z^2/(n+z^2)] = [0, 0.2775];
     # 5/10 -> 0.5 -+ z*sqrt(0.025 + z^2/400)/(1 + z^2/10) = [0.2366, 0.7634]; 10/10 -> [0.7225, 1]
@@ -125,7 +138,7 @@ def test_coherent_range():
 
 def test_mixed_strength_batches_equal_each_strength_alone(tiny, d):
     strengths = (-4.0, 0.0, 4.0)
-    conds = S.make_conditions(d, "add", strengths, control="random")
+    conds = S.make_conditions(d, "add", strengths, control="random:1")
     together = S.run_sweep(tiny, conds, QUESTIONS, 2, SAMPLING, KeywordJudge(), batch_size=64)
     assert len(together.records) == 2 * 3 * 3 * 2
     alone: dict = {}
@@ -141,12 +154,12 @@ def test_mixed_strength_batches_equal_each_strength_alone(tiny, d):
     assert all(len(v) == 1 for v in seeds.values()) and len({next(iter(v)) for v in seeds.values()}) == 6
     # strength 0 is the same computation in both conditions; steering changes answers
     by = completions(together)
-    assert all(by[("push", 0.0, q.id, k)] == by[("push-random", 0.0, q.id, k)] for q in QUESTIONS for k in range(2))
+    assert all(by[("push", 0.0, q.id, k)] == by[("push-random-1", 0.0, q.id, k)] for q in QUESTIONS for k in range(2))
     assert any(by[("push", 4.0, q.id, k)] != by[("push", 0.0, q.id, k)] for q in QUESTIONS for k in range(2))
 
 
 def test_records_complete_and_ablate_mode(tiny, d):
-    conds = S.make_conditions(d, "ablate", (0.3, 0.6), control="random")
+    conds = S.make_conditions(d, "ablate", (0.3, 0.6), control="random:1")
     assert [c.strengths for c in conds] == [(0.0, 1.0), (0.0, 1.0)]
     res = S.run_sweep(tiny, conds, QUESTIONS[:2], 2, SAMPLING, KeywordJudge(), batch_size=4)
     assert len(res.records) == 2 * 2 * 2 * 2
@@ -155,7 +168,7 @@ def test_records_complete_and_ablate_mode(tiny, d):
               "aligned", "coherent", "misaligned", "judge"):
         assert k in r, k
     assert r["judge"] == "keyword-test" and r["mode"] == "ablate"
-    assert {(row.condition, row.strength) for row in res.rows} == {("push", 0.0), ("push", 1.0), ("push-random", 0.0), ("push-random", 1.0)}
+    assert {(row.condition, row.strength) for row in res.rows} == {("push", 0.0), ("push", 1.0), ("push-random-1", 0.0), ("push-random-1", 1.0)}
 
 
 def test_resume_after_kill_loses_at_most_one_batch(tiny, d, tmp_path):
@@ -199,14 +212,16 @@ def test_report_files(tiny, d, tmp_path):
     res = S.run_sweep(tiny, conds, QUESTIONS, 2, SAMPLING, KeywordJudge(), batch_size=32)
     report.write_csv(res.rows, res.trends, tmp_path / "summary.csv")
     rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
-    assert len(rows) == 6 and {r["condition"] for r in rows} == {"push", "push-random"}
+    # the direction, three random draws and their pooled row, at three strengths
+    assert len(rows) == 15 and {r["condition"] for r in rows} == {"push", "push-random-1", "push-random-2", "push-random-3", "push-random-pooled"}
     assert all(float(r["low"]) <= float(r["rate"]) <= float(r["high"]) for r in rows)
     p = report.plot_png(res.rows, tmp_path / "sweep.png")
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = report.text_plot(res.rows)
     assert "●" in text and "○" in text and "misaligned" in text and "incoherent" in text
     headers, table = report.table(res.rows)
-    assert len(table) == 6 and all(len(r) == len(headers) for r in table) and "(control)" in table[3][0]
+    assert len(table) == 15 and all(len(r) == len(headers) for r in table) and "(control)" in table[3][0]
+    assert "3 draws" in table[-1][0]
 
 
 # --- CLI --------------------------------------------------------------------------------------
@@ -233,7 +248,7 @@ def test_cli_sweep_resume_and_summarize(cli_files, tiny_dir, monkeypatch):
     root, dfile, q = cli_files
     out = root / "runs" / "sweep-add"
     args = ["sweep", "--model", tiny_dir, "--direction", dfile, "--mode", "add", "--strengths", "-4:4:3",
-            "--questions", q, "--samples", 2, "--control", "random", "--max-new-tokens", 6, "--out", out]
+            "--questions", q, "--samples", 2, "--control", "random:1", "--max-new-tokens", 6, "--out", out]
     r = runner.invoke(app, [str(a) for a in args])
     assert r.exit_code == 0, r.output
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
@@ -257,7 +272,7 @@ def one_line_error(result, pattern):
 
 def test_cli_errors(cli_files, tiny_dir):
     root, dfile, q = cli_files
-    base = ["sweep", "--model", str(tiny_dir), "--direction", str(dfile), "--questions", str(q), "--judge", "none"]
+    base = ["sweep", "--model", str(tiny_dir), "--direction", str(dfile), "--questions", str(q), "--judge", "none", "--control", "random:1"]
     one_line_error(runner.invoke(app, base + ["--strengths", "1:2"]), "--strengths '1:2'")
     one_line_error(runner.invoke(app, base + ["--mode", "steer"]), "--mode 'steer'")
     one_line_error(runner.invoke(app, base + ["--control", "zero"]), "--control 'zero'")
@@ -314,8 +329,17 @@ def test_cli_tuned_ablate(cli_files, tiny_dir):
     root, dfile, q = cli_files
     out = root / "ablate"
     r = runner.invoke(app, ["sweep", "--model", str(tiny_dir), "--tuned", str(tiny_dir), "--direction", str(dfile), "--mode", "ablate",
-                            "--questions", str(q), "--samples", "1", "--judge", "none", "--max-new-tokens", "4", "--out", str(out)])
+                            "--questions", str(q), "--samples", "1", "--judge", "none", "--max-new-tokens", "4", "--out", str(out), "--control", "random:1"])
     assert r.exit_code == 0, r.output
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert sorted({(x["condition"], x["strength"]) for x in recs}) == [("push", 0.0), ("push", 1.0), ("push-random", 0.0), ("push-random", 1.0)]
+    assert sorted({(x["condition"], x["strength"]) for x in recs}) == [("push", 0.0), ("push", 1.0), ("push-random-1", 0.0), ("push-random-1", 1.0)]
     assert json.loads((out / "sweep.json").read_text())["tuned"] == str(tiny_dir)
+
+
+def test_records_name_the_tuned_model(tiny, d, monkeypatch):
+    """A record copied out of its folder still says which tuned model wrote it."""
+    monkeypatch.setattr(tiny, "tuned", {"path": "/x/organism", "sha256": "abc123"}, raising=False)
+    res = S.run_sweep(tiny, S.make_conditions(d, "add", (0.0,), control=None), QUESTIONS[:1], 1, SAMPLING, None)
+    assert res.records[0]["tuned"] == {"path": "/x/organism", "sha256": "abc123"} and res.records[0]["model"] == tiny.name
+    monkeypatch.setattr(tiny, "tuned", None, raising=False)
+    assert "tuned" not in S.run_sweep(tiny, S.make_conditions(d, "add", (0.0,), control=None), QUESTIONS[:1], 1, SAMPLING, None).records[0]

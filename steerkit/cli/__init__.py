@@ -15,11 +15,63 @@ from typer.core import TyperGroup
 from steerkit import __version__
 from steerkit.errors import SteerkitError
 
+try:  # typer >= 0.20 carries its own copy of click; its exceptions are the ones raised
+    from typer._click.exceptions import ClickException as _ClickException
+    from typer._click.exceptions import UsageError as _UsageError
+    from typer.exceptions import Abort as _Abort
+except ImportError:  # pragma: no cover - older typer on plain click
+    from click.exceptions import Abort as _Abort  # type: ignore[assignment]
+    from click.exceptions import ClickException as _ClickException  # type: ignore[assignment]
+    from click.exceptions import UsageError as _UsageError  # type: ignore[assignment]
+
+
 class _Group(TyperGroup):
-    """The one error boundary: SteerkitError -> one red line on stderr, exit code 1.
+    """The one error boundary: SteerkitError -> one red line on stderr, exit code 1; a usage
+    error (unknown option, missing value) -> one red line, exit code 2.
 
     ``STEERKIT_DEBUG=1`` lets the traceback through instead.
     """
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        import errno
+        import sys
+
+        from steerkit.cli.common import print_error
+
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except _ClickException as e:
+            if type(e).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+                msg = " ".join(e.format_message().split())
+                if isinstance(e, _UsageError):
+                    ctx = getattr(e, "ctx", None)
+                    argv = kwargs.get("args", args[0] if args else None)
+                    path = ctx.command_path if ctx is not None else self._command_path(sys.argv[1:] if argv is None else list(argv))
+                    msg = msg.rstrip(".") + f" (see `{path} --help`)"
+                print_error(msg)
+            sys.exit(e.exit_code)
+        except _Abort:
+            print_error("aborted", color="yellow")
+            sys.exit(1)
+        except OSError as e:
+            if e.errno != errno.EPIPE:
+                raise
+            sys.exit(1)  # stdout closed early (e.g. piped into head)
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+
+    def _command_path(self, argv: list[str]) -> str:
+        """``steerkit sub command`` as far as ``argv`` names (sub)commands."""
+        path, cmd = ["steerkit"], self
+        for a in argv:
+            nxt = getattr(cmd, "commands", {}).get(a)
+            if nxt is None:
+                break
+            path.append(a)
+            cmd = nxt
+        return " ".join(path)
 
     def invoke(self, ctx: click.Context) -> Any:
         from steerkit.cli.common import debug, print_error

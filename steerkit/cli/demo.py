@@ -22,9 +22,12 @@ def demo_cmd(
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="New tokens per answer (default 48; 24 with --quick).")] = None,
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature (the default model writes a third of its answers unreadable at 1.0).")] = 0.7,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 0.9,
+    controls: Annotated[int, typer.Option("--controls", min=1, max=20, help="Random directions (and, for an SAE-latent direction, matched random latents) per control.")] = 3,
 ) -> None:
     """Diff the shipped model organism against the base model with the shipped SAE, sweep the
-    persona direction up in the base model and down in the organism against a random control,
+    persona direction up in the base model and down in the organism against controls (three
+    random directions of equal norm, pooled; its latent ablated against three random latents of
+    matched firing rate),
     judge every answer, and write report.md with tables and plots.
 
     Example: steerkit demo --out runs/demo
@@ -36,7 +39,8 @@ def demo_cmd(
     from steerkit.report import table, text_plot
 
     cfg = DemoConfig(out_dir=out_dir, samples=2 if quick else samples, seed=seed, force=force, direction=direction,
-                     max_new_tokens=max_new_tokens or (24 if quick else 48), temperature=temperature, top_p=top_p)
+                     max_new_tokens=max_new_tokens or (24 if quick else 48), temperature=temperature, top_p=top_p,
+                     random_controls=controls, latent_controls=controls)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as prog:
         task = prog.add_task("starting", total=None)
 

@@ -78,15 +78,18 @@ def random_cmd(
     like: Annotated[str, typer.Option("--like", help="Direction whose layer, model and norm unit the control copies.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
     model: ModelOpt = None,
+    index: Annotated[int, typer.Option("--index", "-i", min=0, help="Which draw: 0, 1, 2, ... give independent controls for the same direction.")] = 0,
     seed: SeedOpt = 0,
-    name: Annotated[Optional[str], typer.Option("--name", help="Name stored in the file (default: <like>-random).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Name stored in the file (default: the --out file's stem).")] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Write a random control direction of equal norm, on the same layer, as another.
+    """Write a random control direction of equal norm, on the same layer, as another. The draw
+    is seeded from the direction's identity (model, layer, name, vector), --index and --seed:
+    controls made for different directions, or with different indices, never coincide.
 
-    Example: steerkit directions random --like persona --out control.safetensors
+    Example: steerkit directions random --like persona --index 1 --out control.safetensors
     """
     src = load_direction(find_direction(like, _model_name(model)))
-    ctl = random_like(src, seed=seed, name=name or (out_path.stem if out_path.stem else None))
+    ctl = random_like(src, index=index, seed=seed, name=name or (out_path.stem if out_path.stem else None))
     p = save_direction(ctl, out_path, force=force)
-    out.print(f"wrote {p}: random control for {src.name!r} (layer {src.layer}, seed {seed}, cosine {float(ctl.vector @ src.vector):+.3f})")
+    out.print(f"wrote {p}: random control {index} for {src.name!r} (layer {src.layer}, seed {seed}, cosine {float(ctl.vector @ src.vector):+.3f})")

@@ -62,6 +62,12 @@ def extract_cmd(
         raise SteerkitError(f"--tokens {tokens!r} is not one of prompt, answer, all")
     if rank_by not in X.RANKINGS:
         raise SteerkitError(f"--rank-by {rank_by!r} is not one of {', '.join(X.RANKINGS)}")
+    from steerkit.cli.checks import peek, peek_tuned
+
+    info = peek(base, device)  # the models, device and SAE checked before anything loads
+    if tuned is not None:
+        peek_tuned(tuned, base)
+    find_sae(sae, info.name)
     with err.status("loading model and SAE..."):
         base_model = load_model(base, device=device)
         sae_path = find_sae(sae, base_model.name)

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from steerkit.cli import app
-from steerkit.cli.common import AnyModelOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelOpt, SeedOpt, err, out, split_spec, want_json
+from steerkit.cli.common import AnyModelOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelOpt, SeedOpt, err, out, want_json
 from steerkit.errors import SteerkitError
 
 AddOpt = Annotated[list[str], typer.Option("--add", "-a", help="NAME:STRENGTH, add the direction (strength in units of the layer's median token norm). Repeatable.")]
@@ -27,32 +27,42 @@ def build_interventions(
     layer: int | None = None,
     raw: bool = False,
     any_model: bool = False,
+    directions: dict[str, Any] | None = None,
 ) -> list[Any]:
-    """Parse --add/--clamp/--ablate specs into Interventions for ``model``."""
+    """Parse --add/--clamp/--ablate specs into Interventions for ``model`` (``directions``: the
+    ones :func:`steerkit.cli.checks.precheck_steering` already read, by spec)."""
+    from steerkit.cli.checks import parse_steering
     from steerkit.directions import resolve_direction
     from steerkit.interventions import Intervention
 
     if layer is not None:
         model.hook_name(layer)  # range check with a clear message
-    specs: list[tuple[str, str, float]] = []
-    for s in add:
-        name, v = split_spec(s, "--add", need_value=True)
-        specs.append(("add", name, float(v)))  # type: ignore[arg-type]
-    for s in clamp:
-        name, v = split_spec(s, "--clamp", need_value=True)
-        specs.append(("clamp", name, float(v)))  # type: ignore[arg-type]
-    for s in ablate:
-        name, v = split_spec(s, "--ablate", need_value=False)
-        if v is not None:
-            raise SteerkitError(f"--ablate {s!r} takes no value: write --ablate {name}")
-        specs.append(("ablate", name, 0.0))
+    specs = parse_steering(add, clamp, ablate)
     cache: dict[str, Any] = {}
     ivs = []
     for mode, name, value in specs:
         if name not in cache:
-            cache[name] = resolve_direction(name, model, allow_other_model=any_model)
+            cache[name] = resolve_direction((directions or {}).get(name, name), model, allow_other_model=any_model)
         ivs.append(Intervention(cache[name], mode, value, raw=raw, layer=layer))  # type: ignore[arg-type]
     return ivs
+
+
+def precheck(model: str | None, device: str | None, add: list[str], clamp: list[str], ablate: list[str],
+             layer: int | None, raw: bool, any_model: bool, batch_size: int | None = None,
+             batch_option: str = "--batch-size", max_new_tokens: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Everything the arguments decide, checked before the model loads: the model spec and
+    device, the steering specs, the direction files against the model's config, the strengths,
+    the batch size. Returns the model's info and the directions read."""
+    from steerkit.cli.checks import check_batch_size, parse_steering, peek, precheck_steering
+
+    specs = parse_steering(add, clamp, ablate)
+    if batch_size is not None:
+        check_batch_size(batch_size, batch_option)
+    info = peek(model, device)
+    if max_new_tokens is not None and info.context_length is not None and max_new_tokens >= info.context_length:
+        raise SteerkitError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in {info.name}'s context of "
+                            f"{info.context_length} tokens: give at most {info.context_length - 1} (less the prompt's length)")
+    return info, precheck_steering(info, specs, layer, raw, any_model)
 
 
 def load_prompts(prompts: list[str], file: Optional[Path], system: Optional[str], ids: list[str]) -> list[Any]:
@@ -65,7 +75,9 @@ def load_prompts(prompts: list[str], file: Optional[Path], system: Optional[str]
         items += P.from_texts(prompts)
     if not items:
         if sys.stdin is not None and not sys.stdin.isatty():
-            items = P.read_stream(sys.stdin.read())
+            from steerkit.fsutil import read_stdin_text
+
+            items = P.read_stream(read_stdin_text())
         if not items:
             raise SteerkitError("no prompts: give them as arguments, with -f FILE, or on stdin")
     items = P.select(items, ids)
@@ -121,8 +133,9 @@ def generate_cmd(
     if out_file is not None:
         check_writable(out_file, force)
     items = load_prompts(prompts or [], file, system, ids)
+    _, dirs = precheck(model, device, add, clamp, ablate, layer, raw, any_model, batch_size, max_new_tokens=max_new_tokens)
     model_obj = _load(model, device)
-    ivs = build_interventions(model_obj, add, clamp, ablate, layer, raw, any_model)
+    ivs = build_interventions(model_obj, add, clamp, ablate, layer, raw, any_model, dirs)
     rows = _rows(items, n, ivs)
     as_json = want_json(json_out)
     records: list[dict[str, Any]] = []
@@ -135,7 +148,7 @@ def generate_cmd(
     next_up = [0]
 
     def on_complete(c: Any) -> None:
-        rec = c.record(model_obj.name)
+        rec = c.record(model_obj.name, tuned=model_obj.tuned)
         rec["id"] = c.row.tag
         records.append(rec)
         pending[order[(c.row.prompt_index, c.row.sample_index)]] = rec

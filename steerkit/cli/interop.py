@@ -96,6 +96,17 @@ def import_cmd(
         if layer is None:
             raise SteerkitError(f"{path.name} is a plain vector: say which layer it belongs to with --layer")
         vectors = {layer: load_plain_vector(path)}
+    from steerkit.cli.checks import peek
+    from steerkit.models import check_layer
+
+    info = peek(model)  # the model spec and the layers checked before it loads
+    if info.n_layers is not None:
+        for L in vectors:
+            check_layer(L, info.n_layers)
+    if out_path is not None and len(vectors) == 1:
+        from steerkit.fsutil import check_writable
+
+        check_writable(out_path if out_path.name.endswith(SUFFIX) else out_path.with_name(out_path.name + SUFFIX), force)  # before the model loads
     with err.status(f"loading {model or 'the default model'} to measure median norms"):
         m = load_model(model)
         known = meta.get("median_norms", {}) if m.name in meta.get("models", []) else {}

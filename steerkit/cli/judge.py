@@ -80,7 +80,9 @@ def score_cmd(
     if answers is None or str(answers) == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise SteerkitError("no answers: give a JSON Lines file (from `steerkit generate --json`) or pipe one in")
-        records = read_records("<stdin>", sys.stdin.read())
+        from steerkit.fsutil import read_stdin_text
+
+        records = read_records("<stdin>", read_stdin_text())
     else:
         records = read_records(answers)
     if judge == "offline":
@@ -180,7 +182,7 @@ def fit_cmd(
         feats = reference_features(reader, recs, LAYERS, cache)
         extra = written_extra(reader, LAYERS, BLOCKS, cache=cache) if written else None
     with err.status("cross-validating..."):
-        heads = fit_heads(feats, recs, BLOCKS, LAYERS, folds=folds, l2=l2, extra=extra, log=lambda s: err.print(s))
+        heads = fit_heads(feats, recs, BLOCKS, LAYERS, folds=folds, l2=l2, extra=extra, log=lambda s: err.print(s), reader_prompt=reader.prompt)
     save_heads(heads, out_path, force=force)
     err.print(f"wrote {out_path}")
     _show_agreement({"judge": f"steerkit-reader {heads.info['version']}", "held_out": heads.info["held_out"]}, want_json(json_out))

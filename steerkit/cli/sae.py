@@ -165,7 +165,7 @@ def eval_cmd(
     context: Annotated[int, typer.Option("--context", help="Tokens per packed chunk.")] = 256,
     batch: Annotated[int, typer.Option("--batch", help="Chunks per forward pass.")] = 8,
     no_ce: Annotated[bool, typer.Option("--no-ce", help="Skip the language-model loss (faster).")] = False,
-    save: Annotated[bool, typer.Option("--save", help=f"Also write the figures to {METRICS_FILE} in the SAE folder.")] = False,
+    save: Annotated[bool, typer.Option("--save", help=f"Also write the figures to {METRICS_FILE} and each latent's firing frequency to firing.safetensors in the SAE folder.")] = False,
     seed: SeedOpt = 0,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -186,14 +186,18 @@ def eval_cmd(
     with Progress(console=err, transient=True) as prog:
         task = prog.add_task("evaluating", total=n)
         res = evaluate(m, sae, docs, n_tokens=n, context=context, batch=batch, seed=seed, with_ce=not no_ce, on_progress=lambda d, t: prog.update(task, completed=d))
-    rec = {"sae": str(path), "split": split, "corpus": [str(c) for c in corpus], **res.to_dict()}
+    rec = {"sae": str(path), "split": split, "corpus": [str(c) for c in corpus], "requested_tokens": n, "seed": seed, **res.to_dict()}
     if save:
         from steerkit.directions import find_sae
         from steerkit.fsutil import atomic_write_text
 
+        from steerkit.sae import FIRING_FILE, save_firing
+
         folder = find_sae(str(path), m.name)
         atomic_write_text(folder / METRICS_FILE, json.dumps(rec, indent=2) + "\n", force=True)
-        err.print(f"wrote {folder / METRICS_FILE}")
+        if res.firing is not None:  # each latent's firing frequency: matched-latent controls read it
+            save_firing(folder, res.firing, {"n_tokens": res.n_tokens, "split": split, "corpus": [str(c) for c in corpus], "seed": seed})
+        err.print(f"wrote {folder / METRICS_FILE} and {folder / FIRING_FILE}")
     if want_json(json_out):
         emit_json(rec)
         return

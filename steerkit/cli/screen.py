@@ -26,6 +26,7 @@ def screen_cmd(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 48,
     judge: Annotated[str, typer.Option("--judge", help="offline | endpoint")] = "offline",
     min_coherent: Annotated[float, typer.Option("--min-coherent", help="Coherent fraction a cell needs to count.")] = 0.9,
+    control: Annotated[str, typer.Option("--control", help="random[:K]: K random directions of equal norm, pooled (default 3); add latents[:K] for K random latents of matched firing rate per candidate, e.g. random:3,latents:3.")] = "random",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 32,
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write every cell and verdict to this JSON file.")] = None,
     ship: Annotated[Optional[str], typer.Option("--ship", help="Save the best passing candidate as a direction with this name.")] = None,
@@ -36,12 +37,13 @@ def screen_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Steer the base model up and the tuned model down with each candidate; keep those that
-    move misalignment beyond a random control, with 95% intervals.
+    move misalignment beyond pooled random controls (and, with --control ...,latents:K, beyond
+    random latents of matched firing rate), with 95% intervals.
 
     Example: steerkit screen --candidates latents.json --top 10 --ship persona
     """
     from steerkit.cli.extract import _load_sae, load_tuned, question_prompts
-    from steerkit.directions import random_like
+    from steerkit.controls import parse_controls, random_controls
     from steerkit.fsutil import check_writable
     from steerkit.generate import Sampling
     from steerkit.models import load_model
@@ -50,6 +52,9 @@ def screen_cmd(
 
     if out_file is not None:
         check_writable(out_file, force)
+    spec = parse_controls(control)
+    if not spec.random:
+        raise SteerkitError(f"--control {control!r}: the screen needs random controls, e.g. random:3 or random:3,latents:3")
     data = _read_candidates(candidates)
     ss = tuple(float(x) for x in strengths.split(",") if x.strip())
     if not ss or any(s <= 0 for s in ss):
@@ -64,16 +69,17 @@ def screen_cmd(
         sae_path = Path(data["sae"])
         sae = _load_sae(sae_path, base)
     dirs = candidate_directions(data, sae, sae_path, base, top)
-    control = random_like(dirs[0], seed=seed, name="random-control")
+    controls = random_controls(dirs[0], spec.random, seed, prefix="random")
     qs = question_prompts(questions)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("screening"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as prog:
         task = prog.add_task("screen", total=None)
-        res = screen(base, tuned_model, dirs, control, qs, j, strengths=ss, samples=samples,
+        res = screen(base, tuned_model, dirs, controls, qs, j, strengths=ss, samples=samples, latent_controls=spec.latents, control_seed=seed,
                      sampling=Sampling(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed), batch_size=batch_size,
                      min_coherent=min_coherent, on_batch=lambda d, t: prog.update(task, completed=d, total=t))
-    result = res.to_json() | {"candidates": [d.summary() for d in dirs], "strengths": list(ss), "samples": samples}
+    result = res.to_json() | {"candidates": [d.summary() for d in dirs], "strengths": list(ss), "samples": samples,
+                              "controls": str(spec), "control_directions": [c.summary() | {"provenance": c.provenance} for c in controls]}
     if out_file is not None:
         from steerkit.fsutil import atomic_write_text
 

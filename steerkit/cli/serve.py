@@ -8,7 +8,7 @@ import typer
 
 from steerkit.cli import app
 from steerkit.cli.common import AnyModelOpt, DeviceOpt, LayerOpt, ModelOpt, err
-from steerkit.cli.generate import AblateOpt, AddOpt, ClampOpt, PositionsOpt, RawOpt, build_interventions, _load
+from steerkit.cli.generate import AblateOpt, AddOpt, ClampOpt, PositionsOpt, RawOpt, build_interventions, precheck, _load
 from steerkit.errors import SteerkitError
 
 
@@ -56,10 +56,15 @@ def serve_cmd(
         import uvicorn
     except ImportError:
         raise SteerkitError("serving needs the serve extra: pip install 'steerkit[serve]'") from None
-    model_obj = _load(model, device)
-    ivs = build_interventions(model_obj, add, clamp, ablate, layer, raw, any_model)
+    import dataclasses
+
+    # every option checked before the model loads
     config = ServeConfig(max_batch=max_batch, batch_wait=batch_wait_ms / 1000, max_queue=max_queue, max_body_bytes=max_body_bytes, default_max_tokens=max_tokens,
-                         positions=positions, steering=tuple(ivs), allow_paths=allow_paths, any_model=any_model)  # type: ignore[arg-type]
+                         positions=positions, allow_paths=allow_paths, any_model=any_model)  # type: ignore[arg-type]
+    _, dirs = precheck(model, device, add, clamp, ablate, layer, raw, any_model)
+    model_obj = _load(model, device)
+    ivs = build_interventions(model_obj, add, clamp, ablate, layer, raw, any_model, dirs)
+    config = dataclasses.replace(config, steering=tuple(ivs))
     api = create_app(model_obj, config)
     steer = ", ".join(f"{d['mode']} {d['direction']}" + (f":{d['strength']}" if "strength" in d else "") for d in (iv.describe() for iv in ivs)) or "none"
     err.print(f"serving {model_obj.name} on http://{host}:{port}/v1 (default steering: {steer}); Ctrl-C stops")

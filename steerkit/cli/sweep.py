@@ -32,7 +32,7 @@ def sweep_cmd(
     ids: Annotated[list[str], typer.Option("--ids", help="Only questions whose id matches this glob. Repeatable.")] = [],
     all_variants: Annotated[bool, typer.Option("--all-variants", help="Keep the _json/_template variants of EM question files (default: plain ones only).")] = False,
     samples: Annotated[int, typer.Option("--samples", "-n", help="Samples per question and strength.")] = 8,
-    control: Annotated[str, typer.Option("--control", help="random: also sweep a random direction of equal norm on the same layer (same batches); none.")] = "random",
+    control: Annotated[str, typer.Option("--control", help="Controls swept beside the direction in the same batches: random[:K] (K random directions of equal norm on the same layer, default 3), latents[:K] (K random latents of the same SAE with matched firing rate; SAE-latent directions), both comma-separated, or none. Each draw gets a row, and the draws of one kind a pooled row.")] = "random",
     judge: Annotated[str, typer.Option("--judge", help="auto (offline if it loads), offline, endpoint (STEERKIT_JUDGE_URL, _MODEL, _KEY) or none.")] = "auto",
     tuned: Annotated[Optional[str], typer.Option("--tuned", help="Fine-tuned model to sweep (a PEFT adapter folder over --model, or any model spec).", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")] = 64,
@@ -54,7 +54,7 @@ def sweep_cmd(
 
     Examples:
 
-      steerkit sweep --direction persona --mode add --strengths -0.6:0.6:9 --questions questions.yaml --samples 8 --control random --out runs/sweep-add/
+      steerkit sweep --direction persona --mode add --strengths -0.6:0.6:9 --questions questions.yaml --samples 8 --control random:3 --out runs/sweep-add/
 
       steerkit sweep --model smollm2-135m --tuned runs/organism --direction persona --mode ablate --out runs/ablate/
 
@@ -73,12 +73,16 @@ def sweep_cmd(
         raise SteerkitError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
     if positions not in POSITIONS:
         raise SteerkitError(f"--positions {positions!r} is not one of {', '.join(POSITIONS)}")
-    if control not in ("random", "none"):
-        raise SteerkitError(f"--control {control!r} is not one of random, none")
+    from steerkit.controls import parse_controls
+
+    control_spec = parse_controls(control)
     if samples < 1:
         raise SteerkitError(f"--samples must be at least 1, got {samples}")
     grid = S.parse_strengths(strengths)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    from steerkit.cli.checks import precheck_sweep
+
+    precheck_sweep(direction, mode, grid, model, tuned, device, layer, raw, any_model, batch_size, out_dir)  # before any load
     prompts = _questions(questions, ids, all_variants)
     with err.status(f"loading the {judge} judge..."):
         # the endpoint judge reads the judge prompts of an emergent-misalignment question file
@@ -96,7 +100,7 @@ def sweep_cmd(
     d = _direction(direction, model_obj, base_name, any_model or tuned is not None)
     if layer is not None:
         model_obj.hook_name(layer)  # range check with a clear message
-    conds = S.make_conditions(d, mode, grid, None if control == "none" else "random", control_seed=seed, raw=raw, layer=layer)  # type: ignore[arg-type]
+    conds = S.make_conditions(d, mode, grid, control_spec, control_seed=seed, raw=raw, layer=layer)  # type: ignore[arg-type]
     extra = {"tuned": tuned, "base_model": base_name}
     if out_dir is None:
         err.print("[yellow]no --out: answers are not kept and a rerun starts again (give --out DIR to keep and resume)[/]")
@@ -116,8 +120,10 @@ def summarize_cmd(
 
       steerkit sweep summarize runs/sweep-add/
     """
+    from steerkit.cli.checks import check_sweep_folder
     from steerkit.sweep import load_sweep
 
+    check_sweep_folder(folder)
     _render(load_sweep(folder), json_out, write_files=True, png=not no_plot)
 
 
