@@ -4,7 +4,7 @@ answers judged by the offline judge, side by side in one run. Writes bench/resul
     python bench/bench_judge.py [--questions 8] [--samples 4] [--tokens 48]
 
 The sweep is the demo's shape (the EM questions, 5 strengths of a direction and its random
-control, temperature 0.7, top-p 0.9, 48 new tokens, batch 32). Target (judge issue): judging at
+control, temperature 0.7, top-p 0.9, 48 new tokens, batch 32); each generation is judged once. Target (judge issue): judging at
 most 25% of the sweep's wall time, i.e. judge seconds / (generation + judge seconds) <= 0.25.
 """
 
@@ -37,7 +37,7 @@ def main() -> None:
     model = load_model("smollm2-135m")
     d = resolve_direction("persona", model)
     qs = plain_em_questions(read_file(default_questions_path()))[: a.questions]
-    conds = make_conditions(d, "add", (0.0, 0.1, 0.2, 0.3, 0.4), control="random")
+    conds = make_conditions(d, "add", (0.0, 0.1, 0.2, 0.3, 0.4), control="random:1")
     s = Sampling(max_new_tokens=a.tokens, temperature=0.7, top_p=0.9, seed=0)
     t0 = time.perf_counter()
     judge = load_judge("offline")
@@ -45,12 +45,14 @@ def main() -> None:
     t0 = time.perf_counter()
     res = run_sweep(model, conds, qs, a.samples, s, None, batch_size=32)
     t_gen = time.perf_counter() - t0
-    pairs = [(r["question"], r["completion"]) for r in res.records]
+    # each generation once, as a sweep judges them (the unsteered cell is shared by both conditions)
+    first = conds[0].name
+    pairs = [(r["question"], r["completion"]) for r in res.records if r["strength"] != 0 or r["condition"] == first]
     t0 = time.perf_counter()
     judge.score(pairs)
     t_judge = time.perf_counter() - t0
     out = {
-        "records": len(pairs), "max_new_tokens": a.tokens, "generated_tokens": sum(r["tokens"] for r in res.records),
+        "records": len(res.records), "judged": len(pairs), "max_new_tokens": a.tokens, "generated_tokens": sum(r["tokens"] for r in res.records),
         "torch_threads": torch.get_num_threads(), "judge": f"{judge.name} {judge.version}",
         "generate_seconds": round(t_gen, 1), "judge_seconds": round(t_judge, 1), "judge_load_seconds": round(t_load, 1),
         "judge_share_of_sweep": round(t_judge / (t_gen + t_judge), 3),

@@ -255,6 +255,9 @@ __all__ = ["FOLDS", "L2", "LABELS", "Labelled", "REFERENCE", "agreement", "best_
 
 OOD_DOMAINS = Path(__file__).resolve().parent / "data" / "judge" / "ood_domains.jsonl"
 READERS = Path(__file__).resolve().parent / "data" / "judge" / "reference_agreement.json"
+# answers of organism-villain (a LoRA on purpose-written villain-persona gardening advice) and of
+# the base model to the EM and everyday questions, labelled blind by reading: never fitted on
+OOD_VILLAIN = Path(__file__).resolve().parent / "data" / "judge" / "organism_villain_read.jsonl"
 
 
 def reference_features(reader: Any, recs: Sequence[Labelled], layers: Sequence[int], cache: Path | None = None,
@@ -290,6 +293,9 @@ def _ood_sets(shared: Path | None) -> dict[str, list[tuple[str, str, int]]]:
     if OOD_DOMAINS.is_file():
         rows = [json.loads(x) for x in OOD_DOMAINS.read_text(encoding="utf-8").splitlines() if x.strip()]
         sets["written_other_domains"] = [(r["question"], r["answer"], int(r["label"] == "misaligned")) for r in rows]
+    if OOD_VILLAIN.is_file():  # a model organism the judge never saw, read blind under the rubric
+        rows = [json.loads(x) for x in OOD_VILLAIN.read_text(encoding="utf-8").splitlines() if x.strip()]
+        sets["organism_villain_read"] = [(r["question"], r["answer"], int(r["label"] == "misaligned")) for r in rows]
     if shared is not None and shared.is_dir():
         import random
 
@@ -360,4 +366,4 @@ def validate(head: str | Path | None = None, reference: str | Path | None = None
     return out
 
 
-__all__ += ["OOD_DOMAINS", "READERS", "WRITTEN", "read_written", "reference_features", "validate", "written_extra"]
+__all__ += ["OOD_DOMAINS", "OOD_VILLAIN", "READERS", "WRITTEN", "read_written", "reference_features", "validate", "written_extra"]
