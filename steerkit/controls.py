@@ -30,6 +30,12 @@ from steerkit.directions import Direction, control_seed, random_like, vector_dig
 from steerkit.errors import SteerkitError
 
 DEFAULT_DRAWS = 3
+POOLED = "-pooled"  # a pooled row is named <group>-pooled
+
+
+def pooled_name(group: str) -> str:
+    """The summary row that pools the draws of control group ``group``."""
+    return f"{group}{POOLED}"
 WINDOW = 2.0  # matched latents fire within a factor of 2 of the candidate
 KINDS = ("random", "latents")
 
@@ -176,5 +182,5 @@ def describe(spec: ControlSpec) -> str:
     return " and ".join(parts) or "no control"
 
 
-__all__ = ["DEFAULT_DRAWS", "WINDOW", "ControlSpec", "controls_for", "describe", "firing_of", "matched_latents", "matched_pool",
-           "max_decoder_cosine", "parse_controls", "random_controls"]
+__all__ = ["DEFAULT_DRAWS", "POOLED", "WINDOW", "ControlSpec", "controls_for", "describe", "firing_of", "matched_latents", "matched_pool",
+           "max_decoder_cosine", "parse_controls", "pooled_name", "random_controls"]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from steerkit.errors import SteerkitError
+from steerkit.controls import POOLED
 from steerkit.sweep import SummaryRow, Trend
 
 HEADERS = ["condition", "strength", "n", "misaligned", "95% CI", "corrected (95% CI)", "coherence", "incoherent"]
@@ -116,7 +117,7 @@ def plot_png(rows: Sequence[SummaryRow], path: str | os.PathLike, title: str = "
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     colours = ["tab:red", "tab:blue", "tab:green", "tab:purple"]
     ablate = any(r.mode == "ablate" for r in rows)
-    pooled = {n[: -len("-pooled")] for n, rs in series.items() if rs[0].draws}
+    pooled = {n[: -len(POOLED)] for n, rs in series.items() if rs[0].draws}
     ci = 0
     for name, rs in series.items():
         xs = [r.strength for r in rs]
@@ -164,7 +165,7 @@ def text_plot(rows: Sequence[SummaryRow], width: int = 44, height: int = 8) -> s
     direction, ``○`` the control, ``│`` the 95% interval, one column group per strength."""
     series = _series([r for r in rows if r.judged])
     # a pooled control stands for its draws in a character plot
-    pooled = {n[: -len("-pooled")] for n, rs in series.items() if rs[0].draws}
+    pooled = {n[: -len(POOLED)] for n, rs in series.items() if rs[0].draws}
     series = {n: rs for n, rs in series.items() if not (rs[0].control and not rs[0].draws and any(n.startswith(g + "-") for g in pooled))}
     if not series:
         return "(nothing judged: no plot)"

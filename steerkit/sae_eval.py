@@ -21,7 +21,7 @@ token window with per-token activations; the logit lens is
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -49,7 +49,7 @@ class SAEMetrics:
     firing: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "firing"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "firing"}  # no deep copy of firing
 
 
 def _splice_ce(model: Any, ids: torch.Tensor, layer: int, fn: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[float, int]:

@@ -137,14 +137,14 @@ def screen(
     directions (several are pooled into ``random-pooled``); ``latent_controls`` K > 0 adds K
     matched random latents per SAE-latent candidate (:func:`steerkit.controls.matched_latents`).
     With ``out_dir`` both sweeps keep their results there and resume."""
-    from steerkit.controls import matched_latents
+    from steerkit.controls import matched_latents, pooled_name
     from steerkit.sweep import Condition, run_sweep
 
     ctls = [controls] if isinstance(controls, Direction) else list(controls)
     if not ctls:
         raise SteerkitError("the screen needs at least one control direction")
     group = "random" if len(ctls) > 1 else None
-    control_name = "random-pooled" if group else ctls[0].name
+    control_name = pooled_name(group) if group else ctls[0].name
     matched = {d.name: matched_latents(d, latent_controls, control_seed) for d in candidates if latent_controls and d.is_sae}
     cells: list[Cell] = []
     runs = [("base", base, 1.0)] + ([("tuned", tuned, -1.0)] if tuned is not None else [])
@@ -160,5 +160,5 @@ def screen(
             cells.append(Cell(label, r.condition, r.strength, r.judged, r.misaligned, r.judged - r.incoherent,
                               r.rate, r.low, r.high, 1 - r.incoherent_rate if r.judged else 0.0,
                               r.corrected, r.corrected_low, r.corrected_high, r.control, r.draws, r.draw_low, r.draw_high))
-    lat = {name: f"{name}-latents-pooled" if len(ms) > 1 else ms[0].name for name, ms in matched.items()}
+    lat = {name: pooled_name(f"{name}-latents") if len(ms) > 1 else ms[0].name for name, ms in matched.items()}
     return ScreenResult(cells=cells, verdicts=verdicts(cells, control_name, min_coherent, lat))

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from steerkit.controls import ControlSpec, controls_for
+from steerkit.controls import POOLED, ControlSpec, controls_for, pooled_name
 from steerkit.directions import Direction, vector_digest
 from steerkit.errors import SteerkitError
 from steerkit.generate import Completion, Row, Sampling, TokenCallback, chat_tokens, generate
@@ -244,19 +244,20 @@ def summarize(records: Sequence[dict[str, Any]], max_incoherent: float = MAX_INC
     with ``judge_error`` (the judge's held-out sensitivity, specificity and the counts behind
     them) also each rate corrected for the judge's error."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    group_of: dict[str, str | None] = {}  # condition -> its control group, in first-seen order
     for r in records:
         groups[(r["condition"], float(r["strength"]))].append(r)
+        group_of.setdefault(r["condition"], r.get("control_group"))
     # conditions in first-seen order (the direction before its controls), strengths ascending
-    order = {c: i for i, c in enumerate(dict.fromkeys(r["condition"] for r in records))}
+    order: dict[str, float] = {c: i for i, c in enumerate(group_of)}
     # control draws of one group, pooled after the group's last draw
     members: dict[str, list[str]] = defaultdict(list)
-    for c in order:
-        g = next((r.get("control_group") for r in records if r["condition"] == c), None)
+    for c, g in group_of.items():
         if g:
             members[g].append(c)
     pooled = {g: cs for g, cs in members.items() if len(cs) > 1}
     for g, cs in pooled.items():
-        name = f"{g}-pooled"
+        name = pooled_name(g)
         if name in order:
             raise SteerkitError(f"condition name {name!r} clashes with the pooled row of control group {g!r}: rename the direction")
         order[name] = max(order[c] for c in cs) + 0.5
@@ -264,9 +265,9 @@ def summarize(records: Sequence[dict[str, Any]], max_incoherent: float = MAX_INC
         for (cond, s), rs in list(groups.items()):
             if cond in cs:
                 if s == 0:  # the unsteered cell is one set of answers, whichever draw it is filed under
-                    seen = {(r["question_id"], r["sample"]) for r in groups[(f"{g}-pooled", s)]}
+                    seen = {(r["question_id"], r["sample"]) for r in groups[(pooled_name(g), s)]}
                     rs = [r for r in rs if (r["question_id"], r["sample"]) not in seen]
-                groups[(f"{g}-pooled", s)].extend(rs)
+                groups[(pooled_name(g), s)].extend(rs)
 
     def row(cond: str, s: float, rs: list[dict[str, Any]], draws: list[float] | None = None) -> SummaryRow:
         judged = [r for r in rs if r.get("misaligned") is not None]
@@ -291,7 +292,7 @@ def summarize(records: Sequence[dict[str, Any]], max_incoherent: float = MAX_INC
     rows: list[SummaryRow] = []
     single: dict[tuple[str, float], SummaryRow] = {}
     for (cond, s), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
-        g = cond[: -len("-pooled")] if cond.endswith("-pooled") and cond[: -len("-pooled")] in pooled else None
+        g = cond[: -len(POOLED)] if cond.endswith(POOLED) and cond[: -len(POOLED)] in pooled else None
         if g is None:
             single[(cond, s)] = r = row(cond, s, rs)
         else:
