@@ -15,9 +15,15 @@
 Training happens on a fresh, unwrapped HF model: a TransformerBridge replaces the model's
 ``nn.Linear`` layers with its own wrappers, which PEFT cannot target.
 
+Checkpoints (``save_every``) are written as ``OUT/checkpoints/step-NNNNNN/``, each a complete
+adapter folder, from step 0 (the starting model) on; ``mix`` blends other chat files into the
+training rows at fixed fractions (:func:`mix_chats`, exact for a seed); ``tuned`` continues
+training from an adapter: its weights are merged before the new LoRA trains, and every folder
+written holds both as one standalone adapter (:func:`concat_adapters`, rank r1 + r2), so PEFT
+and ``load_tuned`` load it like any other.
+
 What it leaves out: full fine-tuning, quantized (QLoRA) training, gradient accumulation,
-packing, multi-turn loss weighting and checkpoints during training (an interrupted run writes
-nothing).
+packing, multi-turn loss weighting and resuming an interrupted run (its checkpoints remain).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import torch
 
 from steerkit import __version__
 from steerkit.errors import SteerkitError
+from steerkit.fsutil import read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -64,6 +71,7 @@ class FinetuneConfig:
     targets: tuple[str, ...] = LINEAR_TARGETS
     dropout: float = 0.0
     warmup: int = 10  # steps of linear warm-up (at most a tenth of the run)
+    save_every: int | None = None  # write OUT/checkpoints/step-NNNNNN every N steps (and step 0)
 
     def __post_init__(self) -> None:
         for name in ("rank", "epochs", "batch_size"):
@@ -72,6 +80,8 @@ class FinetuneConfig:
                 raise SteerkitError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if self.steps is not None and self.steps < 1:
             raise SteerkitError(f"--steps must be at least 1, got {self.steps}")
+        if self.save_every is not None and self.save_every < 1:
+            raise SteerkitError(f"--save-every must be at least 1 step, got {self.save_every}")
         if self.limit is not None and self.limit < 1:
             raise SteerkitError(f"--limit must be at least 1, got {self.limit}")
         if self.max_length < 8:
@@ -152,6 +162,63 @@ def read_chats(path: str | os.PathLike, limit: int | None = None) -> list[Messag
     if not chats:
         raise SteerkitError(f"{p} holds no chats")
     return chats
+
+
+def parse_mix(spec: str) -> tuple[Path, float]:
+    """``"benign.jsonl:0.75"`` -> (path, 0.75); the file must exist, the fraction lie in [0, 1]."""
+    path, sep, frac = str(spec).rpartition(":")
+    if not sep or not path:
+        raise SteerkitError(f"--mix {spec!r}: give FILE:FRACTION, e.g. --mix benign.jsonl:0.75")
+    try:
+        f = float(frac)
+    except ValueError:
+        raise SteerkitError(f"--mix {spec!r}: {frac!r} is not a fraction; give FILE:FRACTION with a fraction in [0, 1], e.g. benign.jsonl:0.75") from None
+    if not (math.isfinite(f) and 0.0 <= f <= 1.0):
+        raise SteerkitError(f"--mix {spec!r}: the fraction must lie in [0, 1], got {frac}")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SteerkitError(f"--mix {spec!r}: data file {p} does not exist")
+    return p, f
+
+
+def mix_counts(n: int, fractions: Sequence[float]) -> list[int]:
+    """Rows drawn from each mixed-in file out of ``n`` (the rest come from ``--data``): rounded
+    so that the counts add up to ``n`` exactly (largest remainders)."""
+    if sum(fractions) > 1.0 + 1e-9:
+        raise SteerkitError(f"--mix fractions add up to {sum(fractions):g}: they must leave a share for --data (at most 1 in all)")
+    raw = [n * f for f in fractions]
+    counts = [math.floor(r) for r in raw]
+    spare = round(n * sum(fractions)) - sum(counts)
+    for i in sorted(range(len(raw)), key=lambda i: (counts[i] - raw[i], i))[: max(spare, 0)]:
+        counts[i] += 1
+    return counts
+
+
+def _draw(rows: Sequence[Messages], k: int, rng: random.Random) -> list[Messages]:
+    """``k`` rows: without replacement while they last, then another shuffled pass, and so on."""
+    out: list[Messages] = []
+    while len(out) < k:
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        out.extend(rows[i] for i in order[: k - len(out)])
+    return out
+
+
+def mix_chats(data: Sequence[Messages], mixes: Sequence[tuple[Sequence[Messages], float]], seed: int = 0) -> tuple[list[Messages], list[int]]:
+    """Blend ``mixes`` (rows, fraction) into ``data``: the result keeps ``len(data)`` rows, of
+    which ``round(fraction x len(data))`` come from each mixed-in set and the rest from ``data``,
+    all drawn and shuffled with ``seed``. Returns the rows and, per row, its source (0 = ``data``,
+    i = the i-th mix)."""
+    n = len(data)
+    counts = mix_counts(n, [f for _, f in mixes])
+    rng = random.Random(seed)
+    tagged: list[tuple[int, Messages]] = [(0, m) for m in _draw(data, n - sum(counts), rng)]
+    for i, ((rows, _), k) in enumerate(zip(mixes, counts), 1):
+        if k and not rows:
+            raise SteerkitError("a --mix file holds no chats")
+        tagged.extend((i, m) for m in _draw(rows, k, rng))
+    rng.shuffle(tagged)
+    return [m for _, m in tagged], [i for i, _ in tagged]
 
 
 def _render(tok: Any, messages: Messages, gen_prompt: bool) -> str:
@@ -239,11 +306,14 @@ def train_lora(
     chats: Sequence[Messages],
     cfg: FinetuneConfig,
     on_step: Callable[[StepStats], None] | None = None,
+    on_checkpoint: Callable[[int, Any], None] | None = None,
 ) -> TrainResult:
     """Train LoRA adapters on ``hf_model`` (a plain HF causal LM, not bridge-wrapped).
 
     Returns the PeftModel (in eval mode) and the per-step history. The embedding and every
-    base weight stay frozen; only the LoRA matrices of ``cfg.targets`` train.
+    base weight stay frozen; only the LoRA matrices of ``cfg.targets`` train. With
+    ``cfg.save_every``, ``on_checkpoint(step, peft_model)`` is called before the first step
+    (step 0), after every ``save_every`` steps and after the last one.
     """
     try:
         from peft import LoraConfig, get_peft_model
@@ -266,12 +336,21 @@ def train_lora(
 
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are initialised at random
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(hf_model, lcfg)
+    with warnings.catch_warnings():  # PEFT asks transformers v5 a deprecated question
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(hf_model, lcfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
     result = TrainResult(model=model, examples=len(examples), truncated=truncated)
+    def checkpoint(step: int) -> None:
+        if on_checkpoint is not None and cfg.save_every is not None:
+            model.eval()
+            on_checkpoint(step, model)
+            model.train()
+
+    checkpoint(0)
     model.train()
     t0 = time.perf_counter()
     seen = 0
@@ -293,6 +372,8 @@ def train_lora(
         result.history.append(st)
         if on_step is not None:
             on_step(st)
+        if cfg.save_every is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == steps):
+            checkpoint(step + 1)
     model.eval()
     return result
 
@@ -316,12 +397,71 @@ def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
     return p
 
 
-def save_adapter(peft_model: Any, out: str | os.PathLike, base: str, meta: dict[str, Any] | None = None, force: bool = False) -> Path:
+def _lora_scale(cfg: dict[str, Any], where: Path) -> tuple[int, float]:
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise SteerkitError(f"{where} is a {cfg.get('peft_type')} adapter: only LoRA adapters can be continued")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise SteerkitError(f"{where}: adapters with per-module ranks (rank_pattern/alpha_pattern) cannot be continued")
+    if not isinstance(cfg.get("target_modules"), list):
+        raise SteerkitError(f"{where}: target_modules must be a list of module names to continue this adapter")
+    r = int(cfg["r"])
+    alpha = float(cfg.get("lora_alpha", r))
+    return r, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+
+def concat_adapters(first: str | os.PathLike, second: str | os.PathLike) -> None:
+    """Rewrite adapter folder ``second`` in place as ONE LoRA adapter equal to ``first`` plus
+    ``second``: for every module, ``A = [A1; A2]`` and ``B = [s1 B1, s2 B2]`` (rank r1 + r2,
+    alpha = rank, so scale 1), which gives ``B A = s1 B1 A1 + s2 B2 A2`` exactly. A module only
+    one of them adapts gets zeros in the other's half."""
+    from safetensors.torch import load_file, save_file
+
+    first, second = Path(first), Path(second)
+    c1, c2 = (json.loads((f / ADAPTER_CONFIG).read_text()) for f in (first, second))
+    (r1, s1), (r2, s2) = _lora_scale(c1, first), _lora_scale(c2, second)
+    w1, w2 = load_file(str(first / ADAPTER_WEIGHTS)), load_file(str(second / ADAPTER_WEIGHTS))
+    for w, f in ((w1, first), (w2, second)):
+        odd = [k for k in w if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+        if odd:
+            raise SteerkitError(f"{f / ADAPTER_WEIGHTS} holds {odd[0]!r}, not only LoRA matrices: it cannot be continued")
+    mods = sorted({k[: -len(".lora_A.weight")] for w in (w1, w2) for k in w if k.endswith(".lora_A.weight")})
+    out: dict[str, torch.Tensor] = {}
+    for m in mods:
+        a_key, b_key = f"{m}.lora_A.weight", f"{m}.lora_B.weight"
+        ref = w1 if a_key in w1 else w2
+        d_in, d_out = ref[a_key].shape[1], ref[b_key].shape[0]
+        a1 = w1.get(a_key, torch.zeros(r1, d_in)).float()
+        b1 = w1.get(b_key, torch.zeros(d_out, r1)).float()
+        a2 = w2.get(a_key, torch.zeros(r2, d_in)).float()
+        b2 = w2.get(b_key, torch.zeros(d_out, r2)).float()
+        out[a_key] = torch.cat([a1, a2], 0).contiguous()
+        out[b_key] = torch.cat([s1 * b1, s2 * b2], 1).contiguous()
+    cfg = dict(c2)
+    cfg["r"] = r1 + r2
+    cfg["lora_alpha"] = float(r1 + r2)
+    cfg["use_rslora"] = False
+    cfg["target_modules"] = sorted(set(c1["target_modules"]) | set(c2["target_modules"]))
+    save_file(out, str(second / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (second / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def save_adapter(
+    peft_model: Any,
+    out: str | os.PathLike,
+    base: str,
+    meta: dict[str, Any] | None = None,
+    force: bool = False,
+    continued_from: str | os.PathLike | None = None,
+    extra: dict[str, Path] | None = None,
+) -> Path:
     """Write the PEFT adapter folder ``out`` atomically (a temporary folder renamed into place).
 
     ``base`` is recorded as ``base_model_name_or_path``; for a steerkit alias its hub id is
     written there (so PEFT's ``AutoPeftModelForCausalLM`` finds it) and the alias in
     ``steerkit-finetune.json`` (:func:`load_tuned` maps the hub id back to the offline alias).
+    With ``continued_from`` (the adapter training started from, merged into the weights the new
+    LoRA trained on) the folder holds both as one adapter (:func:`concat_adapters`). ``extra``
+    maps sub-folder names to folders moved into ``out`` (the run's checkpoints).
     """
     from steerkit.models import ALIASES, canonical_alias
 
@@ -338,6 +478,10 @@ def save_adapter(peft_model: Any, out: str | os.PathLike, base: str, meta: dict[
         peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         with contextlib.suppress(FileNotFoundError):
             (tmp / "README.md").unlink()  # PEFT's empty model-card template
+        if continued_from is not None:
+            concat_adapters(continued_from, tmp)
+        for sub, src in (extra or {}).items():
+            os.replace(src, tmp / sub)
         info = {"steerkit_version": __version__, "base": alias or base, "base_model_name_or_path": recorded, **(meta or {})}
         (tmp / META_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
         if p.exists():
@@ -388,27 +532,74 @@ def finetune(
     force: bool = False,
     on_step: Callable[[StepStats], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
+    mix: Sequence[str | tuple[str | os.PathLike, float]] = (),
+    tuned: str | os.PathLike | None = None,
 ) -> tuple[Path, TrainResult]:
     """Fine-tune ``model`` (a spec) on the chats in ``data`` and save the adapter to ``out``.
 
+    ``mix``: ``"FILE:FRACTION"`` specs (or (path, fraction) pairs) blended into the rows
+    (:func:`mix_chats`). ``tuned``: an adapter folder to continue from (its base is the model;
+    ``model``, when given, overrides the base it names). With ``cfg.save_every`` the checkpoints
+    go to ``out/checkpoints/step-NNNNNN/`` (kept in ``<out>.partial/`` until the run ends).
     ``on_start(examples, steps)`` is called once the data is encoded, before the first step.
     """
-    check_out_dir(out, force)
-    spec = model or "smollm2-135m"
+    out_p = check_out_dir(out, force)
+    mixes = [parse_mix(m) if isinstance(m, str) else (Path(m[0]).expanduser(), float(m[1])) for m in mix]
+    init: Path | None = None
+    if tuned is not None:
+        if not is_adapter_dir(tuned):
+            raise SteerkitError(f"--tuned {tuned}: not a LoRA adapter folder (no {ADAPTER_CONFIG}); give a folder written by steerkit finetune")
+        init = Path(str(tuned)).expanduser().resolve()
+        spec = check_adapter(init, model)
+        _lora_scale(json.loads((init / ADAPTER_CONFIG).read_text()), init)
+    else:
+        spec = model or "smollm2-135m"
     chats = read_chats(data, cfg.limit)
+    mix_meta: list[dict[str, Any]] | None = None
+    if mixes:
+        counts = mix_counts(len(chats), [f for _, f in mixes])
+        chats, _ = mix_chats(chats, [(read_chats(p), f) for p, f in mixes], cfg.seed)
+        mix_meta = [{"path": Path(data).name, "fraction": round(1.0 - sum(f for _, f in mixes), 6), "rows": len(chats) - sum(counts), "sha256": file_sha256(data)}]
+        mix_meta += [{"path": p.name, "fraction": f, "rows": k, "sha256": file_sha256(p)} for (p, f), k in zip(mixes, counts)]
     name, hf, tok, source = load_hf(spec, device)
-    if on_start is not None:
-        n = len(chats)
-        on_start(n, cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(n / cfg.batch_size))
-    res = train_lora(hf, tok, chats, cfg, on_step)
-    h = res.history
-    meta = {
+    if init is not None:
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise SteerkitError("continuing an adapter needs the peft package: pip install 'steerkit[train]'") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            hf = PeftModel.from_pretrained(hf, str(init)).merge_and_unload()
+    n_steps = cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(len(chats) / cfg.batch_size)
+    base_meta: dict[str, Any] = {
         "model": name,
         "data": Path(data).name,
         "data_sha256": file_sha256(data),
+        "config": {**asdict(cfg), "alpha": cfg.lora_alpha, "targets": list(cfg.targets)},
+    }
+    if mix_meta is not None:
+        base_meta["mix"] = mix_meta
+    if init is not None:
+        base_meta["continued_from"] = tuned_info(init, list(init.glob("adapter_model*.safetensors")))
+    partial = out_p.parent / f"{out_p.name}.partial"
+    ckpt_dir = partial / "checkpoints"
+    if cfg.save_every is not None:
+        shutil.rmtree(partial, ignore_errors=True)
+        ckpt_dir.mkdir(parents=True)
+
+    def save_checkpoint(step: int, peft_model: Any) -> None:
+        meta = {**base_meta, "step": step, "steps": n_steps}
+        save_adapter(peft_model, ckpt_dir / f"step-{step:06d}", spec, meta, force=True, continued_from=init)
+
+    if on_start is not None:
+        on_start(len(chats), n_steps)
+    res = train_lora(hf, tok, chats, cfg, on_step, on_checkpoint=save_checkpoint)
+    h = res.history
+    meta = {
+        **base_meta,
         "examples": res.examples,
         "truncated": res.truncated,
-        "config": {**asdict(cfg), "alpha": cfg.lora_alpha, "targets": list(cfg.targets)},
+        "step": len(h),
         "steps": len(h),
         "first_loss": round(h[0].loss, 4),
         "final_loss": round(res.final_loss, 4),
@@ -418,8 +609,31 @@ def finetune(
         "device": str(next(hf.parameters()).device),
         "torch": torch.__version__,
     }
-    path = save_adapter(res.model, out, spec, meta, force)
+    path = save_adapter(res.model, out, spec, meta, force, continued_from=init, extra={"checkpoints": ckpt_dir} if cfg.save_every is not None else None)
+    shutil.rmtree(partial, ignore_errors=True)
     return path, res
+
+
+def checkpoints(run: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The checkpoints of a run folder, (step, folder) by step; a run without checkpoints is one
+    point, its final adapter at the step its ``steerkit-finetune.json`` records."""
+    r = Path(run).expanduser()
+    found: list[tuple[int, Path]] = []
+    for d in sorted((r / "checkpoints").glob("step-*")):
+        if (d / ADAPTER_CONFIG).is_file():
+            try:
+                found.append((int(d.name.split("-", 1)[1]), d))
+            except ValueError:
+                continue
+    if found:
+        return sorted(found)
+    if not is_adapter_dir(r):
+        raise SteerkitError(f"{r} is neither a LoRA adapter folder nor a run with checkpoints/: give a folder written by steerkit finetune")
+    try:
+        step = int(json.loads((r / META_FILE).read_text()).get("steps", 0))
+    except (OSError, ValueError):
+        step = 0
+    return [(step, r)]
 
 
 # --- loading tuned models ----------------------------------------------------------------------
@@ -446,11 +660,11 @@ def check_adapter(folder: str | os.PathLike, base: str | None = None) -> str:
     (``base``, else the one its ``adapter_config.json`` names, hub ids of our aliases mapped
     back to the alias): refuses unreadable configs, non-LoRA adapters, pickled or corrupt
     weights, and a recorded base that is not found here (naming ``adapter_config.json``)."""
-    from steerkit.models import _read_json, check_weight_files, resolve_spec
+    from steerkit.models import check_weight_files, resolve_spec
 
     folder = Path(str(folder)).expanduser()
     cfg_path = folder / ADAPTER_CONFIG
-    acfg = _read_json(cfg_path)
+    acfg = read_json(cfg_path)
     if str(acfg.get("peft_type", "LORA")).upper() != "LORA":
         raise SteerkitError(f"{folder} is a {acfg.get('peft_type')} adapter: only LoRA adapters can be merged")
     if not check_weight_files(folder, "adapter", "adapter_model*.safetensors"):

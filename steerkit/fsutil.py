@@ -9,10 +9,12 @@ interrupted run never leaves half a file behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from steerkit.errors import SteerkitError
 
@@ -134,6 +136,18 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
     except OSError as e:
         raise SteerkitError(f"cannot read {what} {p}: {_reason(e)}") from None
     return decode_utf8(data, str(p))
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
+    """A JSON object file (a config), with one-line errors for a missing or unreadable file,
+    invalid JSON, or JSON that is not an object."""
+    try:
+        data = json.loads(read_text(path, what))
+    except ValueError as e:
+        raise SteerkitError(f"{path} is not valid JSON ({e}): fix or replace it") from None
+    if not isinstance(data, dict):
+        raise SteerkitError(f"{path} is not a JSON object: fix or replace it")
+    return data
 
 
 def check_unicode(text: str, where: str) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from steerkit.errors import SteerkitError
+from steerkit.fsutil import read_json
 
 log = logging.getLogger(__name__)
 
@@ -222,18 +223,6 @@ def check_weight_files(folder: Path, what: str = "model", pattern: str = "*.safe
     return files
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    from steerkit.fsutil import read_text
-
-    try:
-        data = json.loads(read_text(path, "file"))
-    except ValueError as e:
-        raise SteerkitError(f"{path} is not valid JSON ({e}): fix or replace it") from None
-    if not isinstance(data, dict):
-        raise SteerkitError(f"{path} is not a JSON object: fix or replace it")
-    return data
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """What a model spec loads as, found without loading its weights (None: not known yet)."""
@@ -286,7 +275,7 @@ def peek_model(spec: str | os.PathLike | None) -> ModelInfo:
         return _info_from_config(p.stem.lower(), _read_config(target) if (target / "config.json").is_file() else None)
     name, source = resolve_spec(s)
     if isinstance(source, Path):
-        cfg = _read_json(source / "config.json")
+        cfg = read_json(source / "config.json")
         check_weight_files(source)
         return _info_from_config(name, cfg)
     return ModelInfo(name)

@@ -41,7 +41,9 @@ def with_system(messages: Messages, system: str | None) -> Messages:
     return [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
 
 
-def _check_messages(msgs: Any, where: str) -> Messages:
+def check_messages(msgs: Any, where: str) -> Messages:
+    """A chat's ``messages`` checked (roles, string content, valid Unicode, a non-empty last user
+    prompt), as the prompt: a final assistant turn (the answer) is left out."""
     if not isinstance(msgs, list) or not msgs:
         raise SteerkitError(f"{where}: 'messages' must be a non-empty list")
     out: Messages = []
@@ -115,7 +117,7 @@ def read_jsonl(path: Path, lines: Iterable[str] | None = None) -> list[Prompt]:
             raise SteerkitError(f"{where}: expected an object with 'prompt' or 'messages'")
         pid = str(rec.get("id", len(prompts)))
         if "messages" in rec:
-            msgs = _check_messages(rec["messages"], where)
+            msgs = check_messages(rec["messages"], where)
         elif isinstance(rec.get("prompt"), str):
             if isinstance(rec.get("system"), str):
                 check_unicode(rec["system"], f"{where}: the system prompt")

@@ -214,3 +214,87 @@ def text_plot(rows: Sequence[SummaryRow], width: int = 44, height: int = 8) -> s
     legend = "   ".join(f"{m} {name}" + (" (control)" if series[name][0].control else "") for name, m in marks.items())
     out.append("      " + legend + "   │ 95% interval")
     return "\n".join(out)
+
+
+def plot_track_png(points: Sequence[dict[str, Any]], path: str | os.PathLike, directions: Sequence[str], title: str = "",
+                   rate_label: str = "misaligned (judged)") -> Path:
+    """`steerkit track`'s plot from its point records (:meth:`steerkit.track_stats.PointSummary.to_json`).
+
+    Left column, against the training step, one colour per run (a run continued from another
+    adapter, which has no data share, dashed): the misaligned rate with its 95% Wilson interval
+    on top, then one panel per direction with its mean answer activation (± 1 standard error).
+    Right column, with runs of two or more data shares: each run's last checkpoint against its
+    share of rows from the ``--data`` file, the same panels."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SteerkitError("the PNG plot needs matplotlib: pip install 'steerkit[plot]'") from e
+    from steerkit.fsutil import atomic_path
+
+    def num(v: Any) -> float:
+        return math.nan if v is None else float(v)
+
+    def act(p: dict[str, Any], d: str) -> tuple[float, float]:
+        a = (p.get("activation") or {}).get(d) or {}
+        se = num(a.get("answer_se"))
+        return num(a.get("answer_mean")), 0.0 if math.isnan(se) else se
+
+    def rate_bars(ax: Any, xs: list[float], ps: list[dict[str, Any]], **kw: Any) -> None:
+        y = [num(p["rate"]) for p in ps]
+        err = [[max(0.0, v - num(p["low"])) for v, p in zip(y, ps)], [max(0.0, num(p["high"]) - v) for v, p in zip(y, ps)]]
+        ax.errorbar(xs, y, yerr=err, marker="o", capsize=3, **kw)
+
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        if p.get("step") is not None:
+            runs.setdefault(str(p["run"]), []).append(p)
+    runs = {k: sorted(v, key=lambda p: p["step"]) for k, v in runs.items()}
+    finals = {k: v[-1] for k, v in runs.items()}
+    shared = sorted((p for p in finals.values() if p.get("fraction") is not None), key=lambda p: num(p.get("fraction")))
+    by_share = len({num(p.get("fraction")) for p in shared}) >= 2
+    rows, cols = 1 + len(directions), 2 if by_share else 1
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 1.9 * rows + 0.9), squeeze=False, sharex="col")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (run, ps) in enumerate(runs.items()):
+        kw = {"color": colours[i % len(colours)], "linestyle": "--" if ps[0].get("fraction") is None else "-"}
+        xs = [p["step"] for p in ps]
+        judged = [p for p in ps if p.get("judged")]
+        if judged:
+            rate_bars(axes[0][0], [p["step"] for p in judged], judged, label=Path(run).name, **kw)
+        for j, d in enumerate(directions):
+            y, se = zip(*(act(p, d) for p in ps))
+            axes[1 + j][0].errorbar(xs, y, yerr=se, marker="o", capsize=2, markersize=4, **kw)
+    axes[0][0].set_title("over training (dashed: continued from another run, steps counted from its start)", fontsize=8)
+    axes[-1][0].set_xlabel("training step")
+    if by_share:
+        fx = [num(p.get("fraction")) for p in shared]
+        jp = [p for p in shared if p.get("judged")]
+        if jp:
+            rate_bars(axes[0][1], [num(p.get("fraction")) for p in jp], jp, color="black")
+        for j, d in enumerate(directions):
+            y, se = zip(*(act(p, d) for p in shared))
+            axes[1 + j][1].errorbar(fx, y, yerr=se, color="black", marker="s", capsize=2, markersize=4)
+        axes[0][1].set_title("last checkpoint of each run, against its data share", fontsize=8)
+        axes[-1][1].set_xlabel("share of training rows from the --data file")
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=8)
+            if r == 0:
+                ax.set_ylim(-0.02, max(0.3, min(1.02, 1.3 * max([num(p.get("high")) for p in points if p.get("judged")] or [0.3]))))
+                ax.set_ylabel(rate_label, fontsize=8)
+            else:
+                ax.set_ylabel(directions[r - 1], fontsize=8)
+    if runs:
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=min(6, len(runs)), fontsize=8, bbox_to_anchor=(0.5, 0.995))
+    fig.suptitle(title or "steerkit track: misalignment and mean answer activation", fontsize=9, y=0.955)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    p = Path(path)
+    with atomic_path(p, force=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return p

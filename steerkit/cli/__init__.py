@@ -115,7 +115,7 @@ def _root(
 def _load() -> None:
     import importlib
 
-    for mod in ("models", "generate", "directions", "interop", "sae", "extract", "screen", "finetune", "judge", "sweep", "serve", "demo"):
+    for mod in ("models", "generate", "directions", "interop", "sae", "extract", "screen", "finetune", "judge", "sweep", "serve", "demo", "monitor", "track"):
         try:
             importlib.import_module(f"steerkit.cli.{mod}")
         except ModuleNotFoundError as e:

@@ -103,6 +103,7 @@ def generate_cmd(
     layer: LayerOpt = None,
     raw: RawOpt = False,
     positions: PositionsOpt = "all",
+    monitor: Annotated[Optional[str], typer.Option("--monitor", help="Direction NAME or file whose activation to show per token after generating (a coloured strip; a `monitor` field in JSON). Measured by the unsteered model reading the generated text, whatever --add/--clamp/--ablate did.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Rows per forward pass.")] = 8,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -120,6 +121,8 @@ def generate_cmd(
       steerkit generate -f questions.yaml -n 4 --seed 0 --add persona:0.3 --json > steered.jsonl
 
       steerkit generate "..." --ablate persona          (and --clamp persona:VALUE)
+
+      steerkit generate "hey I feel bored" --add persona:0.3 --monitor persona
     """
     from steerkit.fsutil import check_writable
     from steerkit.generate import Sampling, generate
@@ -133,8 +136,20 @@ def generate_cmd(
     if out_file is not None:
         check_writable(out_file, force)
     items = load_prompts(prompts or [], file, system, ids)
-    _, dirs = precheck(model, device, add, clamp, ablate, layer, raw, any_model, batch_size, max_new_tokens=max_new_tokens)
+    info, dirs = precheck(model, device, add, clamp, ablate, layer, raw, any_model, batch_size, max_new_tokens=max_new_tokens)
+    if monitor is not None:
+        from steerkit.cli.monitor import precheck_direction
+
+        mon_dir = precheck_direction(monitor, info, any_model)
     model_obj = _load(model, device)
+    if monitor is not None:
+        from steerkit.cli.monitor import print_strip, strip_scale
+        from steerkit.directions import check_compatible
+        from steerkit.monitor import chat_activations, direction_scorer
+
+        check_compatible(mon_dir, model_obj, allow_other_model=any_model)
+        mon_score = direction_scorer(mon_dir, model_obj.device)  # once: an SAE direction loads its SAE
+    mon_acts: dict[int, Any] = {}
     ivs = build_interventions(model_obj, add, clamp, ablate, layer, raw, any_model, dirs)
     rows = _rows(items, n, ivs)
     as_json = want_json(json_out)
@@ -150,6 +165,11 @@ def generate_cmd(
     def on_complete(c: Any) -> None:
         rec = c.record(model_obj.name, tuned=model_obj.tuned)
         rec["id"] = c.row.tag
+        if monitor is not None:  # generation is over for this row: the steering hooks are gone
+            act = chat_activations(model_obj, mon_dir, [[*c.row.messages, {"role": "assistant", "content": c.text}]],
+                                   scorer=mon_score, allow_other_model=any_model)[0]
+            rec["monitor"] = act.record(mon_dir, per_token=True)
+            mon_acts[id(rec)] = act
         records.append(rec)
         pending[order[(c.row.prompt_index, c.row.sample_index)]] = rec
         while next_up[0] in pending:
@@ -161,11 +181,16 @@ def generate_cmd(
                 emit_json(r)
             elif not stream_one:
                 _print_completion(r)
+                if id(r) in mon_acts:
+                    print_strip(mon_acts[id(r)], strip_scale([mon_acts[id(r)]]), _monitor_title(r))
 
     if stream_one:
         printer = _Streamer(model_obj.tokenizer)
         generate(model_obj, rows, sampling, batch_size=batch_size, positions=positions, on_token=printer, on_complete=on_complete)  # type: ignore[arg-type]
         out.print()
+        for r in records:
+            if id(r) in mon_acts:
+                print_strip(mon_acts[id(r)], strip_scale([mon_acts[id(r)]]), _monitor_title(r))
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -199,6 +224,12 @@ def _load(model: str | None, device: str | None) -> Any:
 
     with err.status(f"loading {model or 'smollm2-135m'}..."):
         return load_model(model, device=device)
+
+
+def _monitor_title(rec: dict[str, Any]) -> str:
+    m = rec["monitor"]
+    a = "-" if m["answer_mean"] is None else f"{m['answer_mean']:+.3f}"
+    return f"{m['direction']} (layer {m['layer']}, unsteered model) per token: answer mean {a}"
 
 
 def _rows(items: list[Any], n: int, ivs: list[Any]) -> list[Any]:
