@@ -384,13 +384,6 @@ def new_sae(architecture: str, d_in: int, d_sae: int, k: int | None = None, hook
     return sae
 
 
-def with_config(sae: SAE, **changes: Any) -> SAE:
-    """A copy of ``sae`` with config fields changed (e.g. hook_name, model_name)."""
-    out = SAE(replace(sae.cfg, **changes))
-    out.load_state_dict(sae.state_dict())
-    return out.to(sae.W_dec.device)
-
-
 def latent_direction(sae: SAE, sae_path: str | os.PathLike, latents: Any, model: Any, layer: int | None = None, name: str | None = None, median_norm: float | None = None, description: str = "") -> Any:
     """A Direction (kind ``sae-latent``/``sae-latents``) for one latent or a latent set: the
     unit sum of their unit decoder rows, carrying the SAE folder and latent ids so clamp and

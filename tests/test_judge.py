@@ -290,7 +290,6 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REPO / "steerkit" / "serve.py").is_file(), reason="steerkit serve (steerkit/serve.py) is not built yet")
 def test_endpoint_judge_against_steerkit_serve(tmp_path):
     """Start `steerkit serve` on a free loopback port, wait for /health, judge two answers."""
     import httpx

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -76,7 +75,3 @@ def print_error(message: str, color: str = "red") -> None:
 
 def debug() -> bool:
     return os.environ.get("STEERKIT_DEBUG", "") not in ("", "0")
-
-
-def resolve_out(path: Path | None) -> Path | None:
-    return path.expanduser() if path is not None else None
