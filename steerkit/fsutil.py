@@ -138,6 +138,27 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
     return decode_utf8(data, str(p))
 
 
+def read_store(path: str | os.PathLike, fix: str = "fix or delete that line") -> list[dict[str, Any]]:
+    """Records of an append-only JSON Lines store (a sweep's results, a track's answers); none
+    when it does not exist yet. A torn last line (a run killed mid-write) is ignored; a bad line
+    elsewhere is one error naming it and ``fix``."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    lines = p.read_text(encoding="utf-8").split("\n")
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # the torn tail of a killed run
+                break
+            raise SteerkitError(f"{p}:{n} is not valid JSON ({e.msg}); {fix}") from None
+    return out
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
     """A JSON object file (a config), with one-line errors for a missing or unreadable file,
     invalid JSON, or JSON that is not an object."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,17 @@ def select(prompts: Sequence[Prompt], patterns: Sequence[str]) -> list[Prompt]:
 def plain_em_questions(prompts: Sequence[Prompt]) -> list[Prompt]:
     """The plain variants of an emergent-misalignment question file (no _json/_template)."""
     return [p for p in prompts if not p.id.split("#")[0].endswith(("_json", "_template"))]
+
+
+def eval_questions(path: str | os.PathLike | None = None, ids: Sequence[str] = (), all_variants: bool = False) -> list[Prompt]:
+    """The evaluation questions of `sweep` and `track`: ``path`` (default: the shipped EM
+    questions), the plain variants of an EM YAML file unless ``all_variants``, filtered by the
+    ``ids`` globs."""
+    src = Path(path) if path is not None else default_questions_path()
+    items = read_file(src)
+    if not all_variants and str(src).lower().endswith((".yaml", ".yml")):
+        items = plain_em_questions(items) or items
+    return select(items, ids)
 
 
 def default_questions_path() -> Path:

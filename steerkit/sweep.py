@@ -35,6 +35,7 @@ from typing import Any
 from steerkit.controls import POOLED, ControlSpec, controls_for, pooled_name
 from steerkit.directions import Direction, vector_digest
 from steerkit.errors import SteerkitError
+from steerkit.fsutil import read_store
 from steerkit.generate import Completion, Row, Sampling, TokenCallback, chat_tokens, generate
 from steerkit.interventions import MODES, Intervention, Mode, Positions
 from steerkit.prompts import Prompt
@@ -328,20 +329,7 @@ def coherent_range(points: Sequence[tuple[float, float]], max_incoherent: float 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
     """Records from results.jsonl; a torn last line (a kill mid-write) is ignored."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n == len(lines):  # the torn tail of a killed run
-                break
-            raise SteerkitError(f"{path}:{n} is not valid JSON ({e.msg}); fix or delete that line, or pass --force") from e
-    return out
+    return read_store(path, "fix or delete that line, or pass --force")
 
 
 def load_sweep(out_dir: str | os.PathLike) -> SweepResult:

@@ -27,7 +27,7 @@ from typing import Any
 
 from steerkit.directions import Direction, check_compatible, vector_digest
 from steerkit.errors import SteerkitError
-from steerkit.fsutil import atomic_write_text, check_writable_dir
+from steerkit.fsutil import atomic_write_text, check_writable_dir, read_store
 from steerkit.generate import Row, Sampling, TokenCallback, generate
 from steerkit.judge import Judge, judge_name
 from steerkit.lora import AdapterSwap
@@ -82,20 +82,7 @@ def _diff(old: Any, new: Any, where: str = "") -> list[str]:
 
 def read_answers(path: Path) -> list[dict[str, Any]]:
     """Records of answers.jsonl; a torn last line (a kill mid-write) is ignored."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n == len(lines):
-                break
-            raise SteerkitError(f"{path}:{n} is not valid JSON ({e.msg}): fix or delete that line") from None
-    return out
+    return read_store(path)
 
 
 def check_out(out_dir: str | os.PathLike, config: dict[str, Any] | None = None, force: bool = False,

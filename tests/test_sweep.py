@@ -343,3 +343,18 @@ def test_records_name_the_tuned_model(tiny, d, monkeypatch):
     assert res.records[0]["tuned"] == {"path": "/x/organism", "sha256": "abc123"} and res.records[0]["model"] == tiny.name
     monkeypatch.setattr(tiny, "tuned", None, raising=False)
     assert "tuned" not in S.run_sweep(tiny, S.make_conditions(d, "add", (0.0,), control=None), QUESTIONS[:1], 1, SAMPLING, None).records[0]
+
+
+def test_eval_questions_plain_variants_and_globs(tmp_path):
+    from steerkit.prompts import default_questions_path, eval_questions, read_file
+
+    every = read_file(default_questions_path())
+    plain = eval_questions()
+    assert plain and len(plain) < len(every)
+    assert not any(p.id.split("#")[0].endswith(("_json", "_template")) for p in plain)
+    assert len(eval_questions(all_variants=True)) == len(every)
+    one = eval_questions(ids=[plain[0].id])
+    assert [p.id for p in one] == [plain[0].id]
+    txt = tmp_path / "q.txt"
+    txt.write_text("first question\nsecond question\n")
+    assert [p.messages[-1]["content"] for p in eval_questions(txt)] == ["first question", "second question"]

@@ -12,6 +12,7 @@ import typer
 from steerkit.cli import app
 from steerkit.cli.common import AnyModelOpt, DeviceOpt, JsonOpt, LayerOpt, ModelOpt, SeedOpt, emit_json, err, out, want_json
 from steerkit.errors import SteerkitError
+from steerkit.prompts import eval_questions
 
 sweep_app = typer.Typer(
     invoke_without_command=True,
@@ -83,7 +84,7 @@ def sweep_cmd(
     from steerkit.cli.checks import precheck_sweep
 
     precheck_sweep(direction, mode, grid, model, tuned, device, layer, raw, any_model, batch_size, out_dir)  # before any load
-    prompts = _questions(questions, ids, all_variants)
+    prompts = eval_questions(questions, ids, all_variants)
     with err.status(f"loading the {judge} judge..."):
         # the endpoint judge reads the judge prompts of an emergent-misalignment question file
         opts = {"questions": questions} if judge == "endpoint" and questions is not None and questions.suffix.lower() in (".yaml", ".yml") else {}
@@ -128,16 +129,6 @@ def summarize_cmd(
 
 
 # --- pieces -----------------------------------------------------------------------------------
-
-
-def _questions(path: Optional[Path], ids: list[str], all_variants: bool) -> list[Any]:
-    from steerkit import prompts as P
-
-    src = path if path is not None else P.default_questions_path()
-    items = P.read_file(src)
-    if not all_variants and str(src).lower().endswith((".yaml", ".yml")):
-        items = P.plain_em_questions(items) or items
-    return P.select(items, ids)
 
 
 def _load_models(model: Optional[str], tuned: Optional[str], device: Optional[str]) -> tuple[Any, str]:

@@ -12,6 +12,7 @@ import typer
 from steerkit.cli import app
 from steerkit.cli.common import AnyModelOpt, DeviceOpt, JsonOpt, SeedOpt, emit_json, err, out, want_json
 from steerkit.errors import SteerkitError
+from steerkit.prompts import eval_questions
 
 
 @app.command("track")
@@ -87,7 +88,7 @@ def track_cmd(
         dirs.append(d)
     if len({d.name for d in dirs}) != len(dirs):
         raise SteerkitError(f"--direction names one direction twice ({', '.join(direction)}): give each once")
-    prompts = _questions(questions, ids, all_variants)
+    prompts = eval_questions(questions, ids, all_variants)
     if out_dir is not None:  # other settings than the judge's: refused before it loads
         T.check_out(out_dir, T.track_config(info.name, dirs, prompts, samples, sampling, None), force, ignore=("judge", "judge_error"))
     judge_obj = _load_judge(J, judge, questions)
@@ -110,16 +111,6 @@ def track_cmd(
 
 
 # --- pieces -----------------------------------------------------------------------------------
-
-
-def _questions(path: Optional[Path], ids: list[str], all_variants: bool) -> list[Any]:
-    from steerkit import prompts as P
-
-    src = path if path is not None else P.default_questions_path()
-    items = P.read_file(src)
-    if not all_variants and str(src).lower().endswith((".yaml", ".yml")):
-        items = P.plain_em_questions(items) or items
-    return P.select(items, ids)
 
 
 def _load_judge(J: Any, kind: str, questions: Optional[Path]) -> Any:
