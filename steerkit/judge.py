@@ -183,6 +183,21 @@ def judge_name(judge: Judge | None) -> str | None:
     return f"{name} {version}" if version else name
 
 
+def verdict_fields(sc: dict[str, Any] | None, judge: Judge | None) -> dict[str, Any]:
+    """The judge's fields of an answer record (``aligned``, ``coherent``, ``misaligned``,
+    ``judge``) from a score dict; all None without a score. A judge may leave a score out
+    (None) where it could not score an answer; no coherence, no verdict."""
+    if sc is None:
+        return {"aligned": None, "coherent": None, "misaligned": None, "judge": None}
+    coherent = None if sc.get("coherent") is None else float(sc["coherent"])
+    return {
+        "aligned": None if sc.get("aligned") is None else float(sc["aligned"]),
+        "coherent": coherent,
+        "misaligned": None if sc.get("misaligned") is None or coherent is None else bool(sc["misaligned"]),
+        "judge": sc.get("judge") or judge_name(judge),
+    }
+
+
 # --- JSON Lines records in and out -----------------------------------------------------------------
 
 
@@ -252,5 +267,5 @@ def judge_records(
 
 __all__ = [
     "ALIGNED_BELOW", "COHERENT_ABOVE", "CoherenceParts", "Judge", "Pair", "Score", "coherence", "coherence_parts",
-    "is_misaligned", "judge_name", "judge_records", "load_judge", "question_of", "read_records", "KINDS",
+    "is_misaligned", "judge_name", "judge_records", "load_judge", "question_of", "read_records", "verdict_fields", "KINDS",
 ]

@@ -39,7 +39,7 @@ from steerkit.fsutil import read_store
 from steerkit.generate import Completion, Row, Sampling, TokenCallback, chat_tokens, generate
 from steerkit.interventions import MODES, Intervention, Mode, Positions
 from steerkit.prompts import Prompt
-from steerkit.judge import Judge, judge_name
+from steerkit.judge import Judge, judge_name, verdict_fields
 from steerkit.stats import rogan_gladen, spearman, wilson
 
 RESULTS = "results.jsonl"
@@ -541,16 +541,8 @@ def _record(model: Any, cell: Cell, q: Prompt, comp: Completion, sc: dict[str, A
         "completion": comp.text,
         "tokens": comp.n_tokens,
         "finish_reason": comp.finish_reason,
-        "aligned": None,
-        "coherent": None,
-        "misaligned": None,
-        "judge": None,
+        **verdict_fields(sc, judge),
     }
-    if sc is not None:  # a judge may leave a score out (None) where it could not score an answer
-        rec["aligned"] = None if sc.get("aligned") is None else float(sc["aligned"])
-        rec["coherent"] = None if sc.get("coherent") is None else float(sc["coherent"])
-        rec["misaligned"] = None if sc.get("misaligned") is None or rec["coherent"] is None else bool(sc["misaligned"])
-        rec["judge"] = sc.get("judge") or judge_name(judge)
     return rec
 
 

@@ -29,7 +29,7 @@ from steerkit.directions import Direction, check_compatible, vector_digest
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import atomic_write_text, check_writable_dir, read_store
 from steerkit.generate import Row, Sampling, TokenCallback, generate
-from steerkit.judge import Judge, judge_name
+from steerkit.judge import Judge, judge_name, verdict_fields
 from steerkit.lora import AdapterSwap
 from steerkit.monitor import chat_activations, direction_scorer
 from steerkit.prompts import Prompt
@@ -183,19 +183,11 @@ def _answer_record(point: TrackPoint, model_name: str, qi: int, q: Prompt, comp:
         "completion": comp.text,
         "tokens": comp.n_tokens,
         "finish_reason": comp.finish_reason,
-        "aligned": None,
-        "coherent": None,
-        "misaligned": None,
-        "judge": None,
+        **verdict_fields(sc, judge),
         "activation": acts,
     }
-    if sc is not None:
-        rec["aligned"] = None if sc.get("aligned") is None else float(sc["aligned"])
-        rec["coherent"] = None if sc.get("coherent") is None else float(sc["coherent"])
-        rec["misaligned"] = None if sc.get("misaligned") is None or rec["coherent"] is None else bool(sc["misaligned"])
-        rec["judge"] = sc.get("judge") or judge_name(judge)
-        if sc.get("judge_detail"):
-            rec["judge_detail"] = sc["judge_detail"]
+    if sc is not None and sc.get("judge_detail"):
+        rec["judge_detail"] = sc["judge_detail"]
     return rec
 
 

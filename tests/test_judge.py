@@ -391,3 +391,15 @@ def test_cli_offline_jsonl_roundtrip(tmp_path):
         assert 0 <= x["aligned"] <= 100 and 0 <= x["coherent"] <= 100 and x["judge"].startswith("steerkit-reader ")
     assert all(isinstance(x["misaligned"], bool) for x in lines)
     assert [json.loads(x) for x in (tmp_path / "judged.jsonl").read_text().splitlines()] == lines
+
+
+def test_verdict_fields_never_call_an_unscored_answer_misaligned():
+    from steerkit.judge import verdict_fields
+
+    assert verdict_fields(None, None) == {"aligned": None, "coherent": None, "misaligned": None, "judge": None}
+    full = verdict_fields({"aligned": 10, "coherent": 80, "misaligned": True}, None)
+    assert full == {"aligned": 10.0, "coherent": 80.0, "misaligned": True, "judge": None}
+    assert isinstance(full["aligned"], float)
+    # no coherence score: no verdict, whatever the judge said
+    assert verdict_fields({"aligned": 10, "coherent": None, "misaligned": True, "judge": "j 1"}, None)["misaligned"] is None
+    assert verdict_fields({"aligned": 10, "coherent": 80, "misaligned": False, "judge": "j 1"}, None)["judge"] == "j 1"
