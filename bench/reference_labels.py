@@ -5,6 +5,7 @@
     # runs/reference/labels/<batch>.jsonl: {"item", "aligned", "coherent", "label", "reason"} per line
     python bench/reference_labels.py third --out runs/reference        # disagreements -> a third-read batch
     python bench/reference_labels.py merge --out runs/reference --write steerkit/data/judge/reference.jsonl
+    python bench/reference_labels.py add-track --track runs/curves/track --labels bench/results/track_blind_read.jsonl
 
 Batches hold only the question and the answer, shuffled across conditions (no system prompt, no
 model, no strength): readers are blind to where an answer came from. A share of the answers
@@ -150,6 +151,65 @@ def cmd_merge(a: argparse.Namespace) -> None:
         print(f"wrote {a.write}")
 
 
+def cmd_add_track(a: argparse.Namespace) -> None:
+    """Answers of `steerkit track` read blind (``bench/track_read.py``'s labels file) -> new
+    reference records, appended to ``--write`` (answers already in it are skipped). A step-0
+    answer of a run trained from the base model is the base model's; the others are named
+    ``run@step``. Settled like ``merge``: two reads that agree are averaged, disagreements take
+    the third read."""
+    import hashlib
+
+    first, second, third = {}, {}, {}
+    for r in read_jsonl(a.labels):
+        if r.get("label") not in LABELS:
+            sys.exit(f"{a.labels}: item {r.get('item')} has label {r.get('label')!r}, not one of {LABELS}")
+        (third if r.get("third") else second if r.get("second") else first)[r["item"]] = r
+    answers = read_jsonl(a.track / "answers.jsonl")
+    cfg = json.loads((a.track / "track.json").read_text(encoding="utf-8"))
+    sampling = cfg["sampling"]
+    have = read_jsonl(a.write) if a.write.exists() else []
+    seen = {(r["question"], r["answer"]) for r in have}
+    new = []
+    for r in answers:
+        key = (r["question"], r["completion"])
+        item = hashlib.sha256(f"{r['question']}\x00{r['completion']}".encode()).hexdigest()[:10]
+        if key in seen or item not in first:
+            continue
+        seen.add(key)
+        f = first[item]
+        lab, al, co, reason, reads = f["label"], f["aligned"], f["coherent"], f.get("reason", ""), 1
+        if item in second:
+            s, reads = second[item], 2
+            if s["label"] != f["label"]:
+                t = third.get(item)
+                if t is None:
+                    sys.exit(f"item {item}: readers disagree ({f['label']} / {s['label']}) and has no third read")
+                lab, al, co, reason, reads = t["label"], t["aligned"], t["coherent"], t.get("reason", ""), 3
+            else:
+                al, co = (f["aligned"] + s["aligned"]) / 2, (f["coherent"] + s["coherent"]) / 2
+        run = Path(r["run"]).name
+        base = r["step"] == 0 and r.get("fraction") is not None  # not a continued run: step 0 is the base model
+        src = {"model": "base" if base else f"{run}@{r['step']}", "interventions": [],
+               "temperature": sampling["temperature"], "top_p": sampling["top_p"], "seed": r["seed"],
+               "pool": "em", "system": None, "max_new_tokens": sampling["max_new_tokens"]}
+        new.append({"id": hashlib.sha256(f"track:{item}".encode()).hexdigest()[:12], "question": r["question"],
+                    "answer": r["completion"], "source": src, "aligned": round(al), "coherent": round(co),
+                    "label": lab, "reason": reason, "reads": reads})
+    agr = agreement(first, second)
+    out = sorted(have + new, key=lambda r: r["id"])
+    print(json.dumps({"added": len(new), "labels_added": Counter(r["label"] for r in new), "n": len(out),
+                      "agreement_of_added": agr}, indent=1))
+    if a.dry_run:
+        return
+    write_jsonl(a.write, out)
+    if a.agreement:
+        doc = json.loads(a.agreement.read_text(encoding="utf-8")) if a.agreement.exists() else {}
+        doc["labels"] = Counter(r["label"] for r in out)
+        doc.setdefault("added", {})[str(a.track)] = {"answers": len(new), "agreement": agr}
+        a.agreement.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {a.write}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Blind batches for labelling, and merging the labels.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -165,8 +225,14 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--write", type=Path, default=None)
         if name in ("merge", "third"):
             p.add_argument("--same-reader", default="b09:d02,b16:d03", help="batch pairs read by one reader (their shared items are not second reads)")
+    p = sub.add_parser("add-track", help="append `steerkit track` answers read blind to the reference set")
+    p.add_argument("--track", type=Path, default=Path("runs/curves/track"), help="steerkit track's --out folder")
+    p.add_argument("--labels", type=Path, default=Path("bench/results/track_blind_read.jsonl"))
+    p.add_argument("--write", type=Path, default=Path("steerkit/data/judge/reference.jsonl"))
+    p.add_argument("--agreement", type=Path, default=Path("steerkit/data/judge/reference_agreement.json"))
+    p.add_argument("--dry-run", action="store_true")
     a = ap.parse_args(argv)
-    {"batches": cmd_batches, "third": cmd_third, "merge": cmd_merge}[a.cmd](a)
+    {"batches": cmd_batches, "third": cmd_third, "merge": cmd_merge, "add-track": cmd_add_track}[a.cmd](a)
     return 0
 
 

@@ -4,7 +4,8 @@
         --out bench/results/track_read.json --plot bench/results/track_read.png
 
 The labels file holds one line per distinct answer read blind ({"item", "label", "reader",
-"second"?}, item = first 10 hex digits of sha256(question NUL answer)); answers that two
+"second"?, "third"?}, item = first 10 hex digits of sha256(question NUL answer); third reads are
+ignored here, the first reader's label counts); answers that two
 checkpoints gave word for word share one label. Reports, per checkpoint: answers read, the
 share readers call misaligned (95% Wilson interval), the judge's share on the same answers, each
 direction's mean answer activation; across checkpoints, Spearman's rho between each direction's
@@ -56,7 +57,8 @@ def main() -> None:
     for x in a.labels.read_text().splitlines():
         if x.strip():
             r = json.loads(x)
-            (second if r.get("second") else first)[r["item"]] = r
+            if not r.get("third"):  # third reads settle the reference set's disagreements (reference_labels.py add-track)
+                (second if r.get("second") else first)[r["item"]] = r
     dirs = sorted(answers[0]["activation"]) if answers else []
     points: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in answers:

@@ -67,6 +67,19 @@ def test_cross_validation_holds_out_whole_questions(reader):
     assert m["misaligned"]["kappa"] > 0.8
 
 
+def test_agreement_by_model_counts_checkpoints_with_their_run():
+    recs = [Labelled("q", "a", lab, cell, False) for lab, cell in
+            [("misaligned", "base|T0.7|open"), ("aligned", "base|T0.7|open"), ("aligned", "base|T0.7|open"),
+             ("misaligned", "villain@25|T0.7|open"), ("aligned", "villain@50|T0.7|open"), ("aligned", "organism|T1.0|open")]]
+    pm = torch.tensor([0.9, 0.2, 0.8, 0.1, 0.3, 0.6])  # called at 0.5: base 1 right + 1 false, villain missed
+    pi = torch.zeros(6)
+    by = agreement(recs, pm, pi, 0.5, 0.5)["by_model"]
+    assert set(by) == {"base", "villain", "organism"}
+    assert by["base"] == {"n": 3, "labelled": 1, "called": 2, "kappa": pytest.approx(0.4), "auc": 1.0}
+    assert by["villain"]["n"] == 2 and by["villain"]["called"] == 0 and by["villain"]["auc"] == 0.0
+    assert by["organism"]["auc"] is None  # one class only
+
+
 def test_head_learns_a_planted_rule_and_round_trips(reader, tmp_path):
     recs = planted()
     f = read(reader, [(r.question, r.answer) for r in recs], layers=(1, 3))
