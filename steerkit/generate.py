@@ -29,6 +29,10 @@ from steerkit.interventions import POSITIONS, Intervention, Positions, SteeringP
 
 Messages = list[dict[str, str]]
 
+# the record format of ``steerkit generate --json`` (README, "From the shell"): the major number
+# changes when a field is removed or changes meaning; new fields keep it
+RECORD_FORMAT = "steerkit.generate/1"
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -73,13 +77,16 @@ class Completion:
     def n_tokens(self) -> int:
         return len(self.token_ids)
 
-    def record(self, model_name: str, tuned: dict[str, str] | None = None) -> dict[str, Any]:
+    def record(self, model_name: str, tuned: dict[str, str] | None = None, sampling: Sampling | None = None) -> dict[str, Any]:
         """The JSON record of ``steerkit generate``; ``tuned`` (a tuned model's folder and weights
-        hash, :attr:`LoadedModel.tuned`) goes beside ``model``, the base's name."""
+        hash, :attr:`LoadedModel.tuned`) goes beside ``model``, the base's name; ``sampling`` (the
+        call's settings; a row's own settings win) is stated so that files can be compared."""
         msgs = self.row.messages
+        smp = self.row.sampling or sampling
         system = next((m["content"] for m in msgs if m["role"] == "system"), None)
         user = [m["content"] for m in msgs if m["role"] == "user"]
         return {
+            "format": RECORD_FORMAT,
             "prompt": user[-1] if user else "",
             "system": system,
             "messages": msgs if len(msgs) > 2 or (len(msgs) == 2 and system is None) else None,
@@ -92,6 +99,8 @@ class Completion:
             "completion": self.text,
             "tokens": self.n_tokens,
             "finish_reason": self.finish_reason,
+            **({"sampling": {"temperature": smp.temperature, "top_p": smp.top_p, "max_new_tokens": smp.max_new_tokens,
+                             "seed": smp.seed}} if smp is not None else {}),
         }
 
 

@@ -98,3 +98,48 @@ def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
         return math.nan
     r = _ranks(list(scores))
     return (sum(ri for ri, y in zip(r, labels) if y) - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def mcnemar_exact(first_only: int, second_only: int) -> float:
+    """Two-sided exact McNemar test on paired yes/no verdicts: the p-value of the discordant
+    pairs splitting ``first_only`` / ``second_only`` (yes in one of the two only) if either way
+    were equally likely, i.e. a binomial test at 1/2 on the discordant pairs, doubled and capped
+    at 1. No discordant pairs: 1.0."""
+    if first_only < 0 or second_only < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {first_only} and {second_only}")
+    n = first_only + second_only
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(first_only, second_only) + 1))
+    return min(1.0, 2 * tail / 2**n)  # exact integers up to the one division
+
+
+def paired_difference(both: int, first_only: int, second_only: int, neither: int,
+                      z: float = Z95) -> tuple[float, float, float]:
+    """The difference of two rates measured on the same items, second minus first, with
+    Newcombe's square-and-add interval for paired data (Newcombe 1998, method 10; as
+    recommended by Fagerland, Lydersen & Laake 2014): each rate's Wilson interval, combined with
+    the correlation of the paired verdicts. The four counts are the pairs called yes by both,
+    by the first only, by the second only and by neither. Returns (difference, low, high);
+    (nan, -1, 1) with no pairs."""
+    counts = (both, first_only, second_only, neither)
+    if min(counts) < 0:
+        raise ValueError(f"pair counts must be >= 0, got {counts}")
+    n = sum(counts)
+    if n == 0:
+        return math.nan, -1.0, 1.0
+    k1, k2 = both + first_only, both + second_only  # yes in the first, in the second
+    p1, l1, u1 = wilson(k1, n, z)
+    p2, l2, u2 = wilson(k2, n, z)
+    # the correlation of the two verdicts (phi), with Newcombe's continuity correction on the
+    # positive side; 0 where a margin is empty
+    margins = k1 * (n - k1) * k2 * (n - k2)
+    cross = both * neither - first_only * second_only
+    if margins == 0 or 0 <= cross <= n / 2:
+        phi = 0.0
+    else:
+        phi = (cross - n / 2 if cross > 0 else cross) / math.sqrt(margins)
+    d = p2 - p1
+    down = math.sqrt(max((p2 - l2) ** 2 + (u1 - p1) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1), 0.0))
+    up = math.sqrt(max((u2 - p2) ** 2 + (p1 - l1) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1), 0.0))
+    return d, max(-1.0, d - down), min(1.0, d + up)

@@ -163,7 +163,7 @@ def generate_cmd(
     next_up = [0]
 
     def on_complete(c: Any) -> None:
-        rec = c.record(model_obj.name, tuned=model_obj.tuned)
+        rec = c.record(model_obj.name, tuned=model_obj.tuned, sampling=sampling)
         rec["id"] = c.row.tag
         if monitor is not None:  # generation is over for this row: the steering hooks are gone
             act = chat_activations(model_obj, mon_dir, [[*c.row.messages, {"role": "assistant", "content": c.text}]],
