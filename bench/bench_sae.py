@@ -17,6 +17,18 @@ Three measurements on the same packed chunks of ../shared/data/corpus (the CPU-s
   token, computed from the two rates.
 
 Arms alternate per repetition; the median is reported.
+
+``--modes`` measures instead what ``steerkit sae train`` delivers end to end (activations,
+masking, packing, swaps and optimiser steps, model load excluded), in training tokens per
+second, for each mode side by side, and writes bench/results/sae_modes.json:
+
+    nice -n 10 .venv/bin/python bench/bench_sae.py --modes [--tokens 8k] [--layer 15]
+
+* ``plain``: --corpus ../shared/data/corpus;
+* ``chat-mix``: the same corpus with ../shared/data/narrow/risky_financial_advice.jsonl at
+  --chat-fraction 0.35, --drop-system 0.8 (whole conversations, special tokens masked);
+* ``diff``: the same mix, tuned minus base residuals with the shipped ``organism-risky``
+  adapter swapped in and out (BatchTopK, 2 x d_model latents).
 """
 
 from __future__ import annotations
@@ -53,7 +65,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--model-batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--modes", action="store_true", help="end-to-end tokens/s of plain, chat-mix and diff training (sae_modes.json)")
     args = ap.parse_args()
+    if args.modes:
+        modes(args)
+        return
     if not CORPUS.is_dir():
         raise SystemExit(f"bench_sae needs ../shared/data/corpus beside the repository (looked in {CORPUS})")
     n_tokens = _n(args.tokens)
@@ -140,6 +156,48 @@ def main() -> None:
     print(f"collection at layer {args.layer} vs full forward: {result['collect_vs_full_forward']}x "
           f"({result['collect']['tok_s']:.0f} vs {result['full_forward']['tok_s']:.0f} tok/s); "
           f"SAE training {train_tok_s:.0f} tok/s ({result['sae_training']['sparse_vs_dense']}x dense); end to end {result['end_to_end_tok_s']} -> {OUT}")
+
+
+def modes(args: argparse.Namespace) -> None:
+    """End-to-end training tokens/s per mode on the default model: each mode trains a fresh SAE
+    for --tokens tokens (one buffer of that size, one pass) into a temporary folder."""
+    import tempfile
+
+    from steerkit.sae_chat import read_chat_files
+    from steerkit.sae_train import train_sae
+
+    chat_file = ROOT.parent / "shared" / "data" / "narrow" / "risky_financial_advice.jsonl"
+    adapter = ROOT / "directions" / "smollm2-135m" / "organism-risky"
+    for need in (CORPUS, chat_file, adapter):
+        if not need.exists():
+            raise SystemExit(f"bench_sae --modes needs {need}")
+    n_tokens = -(-_n(args.tokens) // 1024) * 1024  # whole batches: one buffer, collected once
+    model = load_model("smollm2-135m")
+    docs = training_documents([CORPUS])
+    chats = read_chat_files([chat_file])
+    base = dict(layer=args.layer, tokens=n_tokens, batch_size=1024, buffer_tokens=n_tokens, context=args.context, model_batch=args.model_batch,
+                warmup_steps=2, dead_tokens=n_tokens)
+    arms = {
+        "plain": (TrainConfig(d_sae=8 * model.d_model, k=32, **base), {}),
+        "chat-mix": (TrainConfig(d_sae=8 * model.d_model, k=32, chat_fraction=0.35, drop_system=0.8, mask_special=True, **base), {"chats": chats}),
+        "diff": (TrainConfig(d_sae=2 * model.d_model, k=32, architecture="batchtopk", chat_fraction=0.35, drop_system=0.8, mask_special=True,
+                             diff=True, **base), {"chats": chats, "tuned": str(adapter)}),
+    }
+    result: dict[str, object] = {"model": model.name, "layer": args.layer, "context": args.context, "tokens_per_mode": n_tokens,
+                                 "torch_threads": torch.get_num_threads(), "modes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (cfg, kw) in arms.items():
+            t = time.perf_counter()
+            train_sae(model, docs, cfg, Path(tmp) / name, **kw)  # type: ignore[arg-type]
+            dt = time.perf_counter() - t
+            info = json.loads((Path(tmp) / name / "training.json").read_text())
+            result["modes"][name] = {"seconds": round(dt, 2), "train_tok_s": round(n_tokens / dt, 1), "d_sae": cfg.d_sae,  # type: ignore[index]
+                                     "architecture": cfg.architecture, "chat_share": info.get("chat_share", 0.0)}
+            print(f"{name}: {n_tokens / dt:.0f} training tok/s ({dt:.1f} s)", flush=True)
+    result["load_avg_at_end"] = round(os.getloadavg()[0], 2)
+    out = OUT.with_name("sae_modes.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":

@@ -163,3 +163,36 @@ def file_documents(p: Path) -> Iterator[Document]:
 def read_documents(paths: Sequence[str | os.PathLike]) -> list[Document]:
     """All documents of the corpus, in file order."""
     return [d for f in corpus_files(paths) for d in file_documents(f)]
+
+
+# --- tokens ----------------------------------------------------------------------------------------
+
+_EOS: dict[int, list[int]] = {}
+
+
+def doc_tokens(model: Any, d: Document) -> list[int]:
+    """Token ids of one document: plain text + EOS, or a chat rendered with the chat template."""
+    tok = model.tokenizer
+    if isinstance(d, str):
+        ids = list(tok(d, add_special_tokens=False)["input_ids"])
+        if id(tok) not in _EOS:  # eos_token_ids() is slow (~0.1 s): once per tokenizer
+            _EOS[id(tok)] = list(model.eos_token_ids())[:1]
+        return ids + _EOS[id(tok)]
+    if getattr(tok, "chat_template", None):
+        out = tok.apply_chat_template(d, add_generation_prompt=False, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+    return list(tok("".join(f"{m['role']}: {m['content']}\n" for m in d))["input_ids"])
+
+
+def docs_tokens(model: Any, docs: Sequence[Document]) -> list[list[int]]:
+    """:func:`doc_tokens` for many documents at once (same ids, one batched tokenizer call)."""
+    tok = model.tokenizer
+    if not getattr(tok, "chat_template", None) and any(not isinstance(d, str) for d in docs):
+        return [doc_tokens(model, d) for d in docs]
+    texts = [d if isinstance(d, str) else tok.apply_chat_template(d, add_generation_prompt=False, tokenize=False) for d in docs]
+    enc = tok(texts, add_special_tokens=False)["input_ids"]
+    if id(tok) not in _EOS:
+        _EOS[id(tok)] = list(model.eos_token_ids())[:1]
+    return [list(ids) + (_EOS[id(tok)] if isinstance(d, str) else []) for d, ids in zip(docs, enc)]

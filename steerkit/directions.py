@@ -7,7 +7,13 @@ Format (``format = steerkit.direction``, ``format_version = 1``):
   ``hook_name``, ``kind`` (see :data:`KINDS`), ``median_norm`` (the layer's median token norm,
   the unit of steering strength), ``steerkit_version``, ``description``, ``provenance`` (JSON),
   and for SAE latents ``sae`` (a folder, relative to the file when it sits beside it) and
-  ``latents`` (comma-separated ids).
+  ``latents`` (comma-separated ids); a latent set (kind ``sae-latents``) may add ``weights``
+  (comma-separated, one per latent, the largest 1; none: all 1).
+
+A latent set's vector is the weighted sum of its decoder rows, ``sum_i w_i W_dec[i]`` (unit norm
+in the file): adding it raises each latent in proportion to its weight. Clamping a set pins
+latent ``i`` to ``value * w_i``; ablating it zeroes every latent of the set (weights play no
+part), both in the SAE basis with the reconstruction error kept (:mod:`steerkit.interventions`).
 
 Names resolve from the user's folder (``$STEERKIT_HOME/directions/<model>/``), then the shipped
 ``directions/<model>/``; anything that looks like a path is read as a path.
@@ -56,6 +62,7 @@ class Direction:
     provenance: dict[str, Any] = field(default_factory=dict)
     steerkit_version: str = __version__
     path: Path | None = None  # where it was loaded from, if anywhere
+    weights: tuple[float, ...] = ()  # per latent of a set, the largest 1; () = all 1
 
     def __post_init__(self) -> None:
         v = self.vector
@@ -74,6 +81,19 @@ class Direction:
             raise SteerkitError(f"direction {self.name!r}: median_norm must be a positive number, got {self.median_norm}")
         if self.layer < 0:
             raise SteerkitError(f"direction {self.name!r}: layer must be >= 0, got {self.layer}")
+        if self.weights and not self.latents:
+            object.__setattr__(self, "weights", ())  # a copy without latents (a control) carries no weights
+        if self.weights:
+            w = tuple(float(x) for x in self.weights)
+            if len(w) != len(self.latents):
+                raise SteerkitError(f"direction {self.name!r}: {len(w)} weights for {len(self.latents)} latents; give one weight per latent")
+            if not all(math.isfinite(x) for x in w) or not any(x != 0 for x in w):
+                raise SteerkitError(f"direction {self.name!r}: latent weights must be finite and not all zero, got {list(w)}")
+            object.__setattr__(self, "weights", w)
+
+    def latent_weights(self) -> tuple[float, ...]:
+        """One weight per latent (all 1 when the file gives none)."""
+        return self.weights or tuple(1.0 for _ in self.latents)
 
     @property
     def d_model(self) -> int:
@@ -110,6 +130,8 @@ class Direction:
         if self.sae is not None:
             meta["sae"] = self.sae
             meta["latents"] = ",".join(str(i) for i in self.latents)
+            if self.weights:
+                meta["weights"] = ",".join(repr(float(w)) for w in self.weights)
         return meta
 
     def summary(self) -> dict[str, Any]:
@@ -121,6 +143,7 @@ class Direction:
             "d_model": self.d_model,
             "median_norm": self.median_norm,
             "latents": list(self.latents),
+            "weights": list(self.weights) if self.weights else None,
             "sae": self.sae,
             "description": self.description,
             "path": str(self.path) if self.path else None,
@@ -167,6 +190,7 @@ def load_direction(path: str | os.PathLike) -> Direction:
         layer = int(meta["layer"])
         median_norm = float(meta["median_norm"])
         latents = tuple(int(x) for x in meta.get("latents", "").split(",") if x.strip())
+        weights = tuple(float(x) for x in meta.get("weights", "").split(",") if x.strip())
         provenance = json.loads(meta.get("provenance") or "{}")
     except ValueError as e:
         raise SteerkitError(f"{p} has malformed metadata: {e}") from e
@@ -186,6 +210,7 @@ def load_direction(path: str | os.PathLike) -> Direction:
         provenance=provenance,
         steerkit_version=meta.get("steerkit_version", "?"),
         path=p,
+        weights=weights,
     )
 
 
@@ -337,6 +362,7 @@ def random_like(d: Direction, index: int = 0, seed: int = 0, name: str | None = 
         kind="random",
         sae=None,
         latents=(),
+        weights=(),
         description=f"random unit direction number {index + 1}, control for {d.name!r} (same layer and norm unit)",
         provenance={"control_for": d.name, "control_for_sha256": vector_digest(d), "index": index, "seed": seed,
                     "generator_seed": gs, "method": "torch.randn(d_model) from steerkit.directions.control_seed "
@@ -359,6 +385,7 @@ def from_vector(
     provenance: dict[str, Any] | None = None,
     sae: str | None = None,
     latents: tuple[int, ...] = (),
+    weights: tuple[float, ...] = (),
 ) -> Direction:
     """Build a Direction for ``model`` (a LoadedModel) from a raw vector of any norm."""
     if vector.shape != (model.d_model,):
@@ -377,4 +404,5 @@ def from_vector(
         provenance=prov,
         sae=sae,
         latents=latents,
+        weights=weights,
     )

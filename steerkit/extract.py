@@ -20,7 +20,14 @@ For each condition we take the SAE's latent activations at one layer on the chos
                   minus that of the aligned ones, and its gradient with respect to the residual
                   at the layer is averaged over tokens; without them a first-order stand-in
                   uses the residual difference of means as the gradient
-                  (``delta_i * (W_dec[i] . dmean)``). Records say which was used.
+                  (``delta_i * (W_dec[i] . dmean)``). Records say which was used. The
+                  attribution of judged answers (misaligned vs aligned answers of one model to
+                  the same questions, as `steerkit extract --judged` ranks) is
+                  :mod:`steerkit.attribution`.
+
+Latent sets (:func:`parse_latents`, :func:`latent_weights`, :func:`latent_set_vector`): the top N
+of a ranking or a list of ids, weighted by a ranking's numbers, as one direction of kind
+``sae-latents`` (see :mod:`steerkit.directions`).
 
 Dense latents (firing on more than ``dense_threshold`` of first-condition tokens) are flagged
 and ranked last unless ``keep_dense``. What it leaves out: picking the persona, which is the
@@ -358,3 +365,70 @@ def promoted_tokens(model: Any, sae: Any, latent: int, k: int = 8) -> list[str]:
     logits = model.hf_model.get_output_embeddings().weight.detach().float() @ w  # (V,)
     ids = logits.topk(k).indices.tolist()
     return [model.tokenizer.decode([i]) for i in ids]
+
+
+# --- latent sets ------------------------------------------------------------------------------
+
+WEIGHT_BY: tuple[str, ...] = ("score", "attribution", "delta", "equal")
+
+
+def parse_latents(text: str | None) -> tuple[int | None, list[int]]:
+    """``--latents``: ``top:N`` -> (N, []); ``12,87`` -> (None, [12, 87]); None -> (1, []) (the top one)."""
+    if text is None:
+        return 1, []
+    t = text.strip()
+    if t.lower().startswith("top:"):
+        n = t[4:].strip()
+        if not n.isdigit() or int(n) < 1:
+            raise SteerkitError(f"--latents {text!r}: N in top:N must be a whole number of at least 1 (e.g. top:30)")
+        return int(n), []
+    parts = [x.strip() for x in t.split(",")]
+    try:
+        ids = [int(x) for x in parts]
+    except ValueError:
+        raise SteerkitError(f"--latents {text!r}: give top:N or comma-separated latent ids (e.g. top:30 or 1022,87)") from None
+    seen: set[int] = set()
+    for i in ids:
+        if i in seen:
+            raise SteerkitError(f"--latents {text!r}: latent {i} is listed twice; list each latent once")
+        seen.add(i)
+    return None, ids
+
+
+def check_latent_ids(ids: Sequence[int], d_sae: int, top: int | None = None) -> None:
+    """Latent ids (or a top:N) against the SAE's width: one line naming the first bad one."""
+    bad = [i for i in ids if not 0 <= i < d_sae]
+    if bad:
+        raise SteerkitError(f"unknown latent {bad[0]}: the SAE has {d_sae} latents (0 to {d_sae - 1})")
+    if top is not None and top > d_sae:
+        raise SteerkitError(f"--latents top:{top} asks for more latents than the SAE has ({d_sae})")
+
+
+def latent_weights(rows: Sequence[LatentRow], ids: Sequence[int], weight_by: str = "score") -> list[float]:
+    """One weight per latent from the ranking's rows (``score``: the --rank-by number;
+    ``attribution``; ``delta``; ``equal``), scaled so the largest is 1. Every weight must be
+    positive: a latent the ranking scores at or below zero does not belong in a weighted set."""
+    if weight_by not in WEIGHT_BY:
+        raise SteerkitError(f"--weight-by {weight_by!r} is not one of {', '.join(WEIGHT_BY)}")
+    if weight_by == "equal":
+        return [1.0] * len(ids)
+    by_id = {r.latent: r for r in rows}
+    vals = []
+    for i in ids:
+        v = float(getattr(by_id[i], weight_by))
+        if not (math.isfinite(v) and v > 0):
+            raise SteerkitError(f"latent {i} has {weight_by} {v:+.4g} (rank {by_id[i].rank}): weighting by {weight_by} needs positive "
+                                f"values; leave it out, take fewer with top:N, or use --weight-by equal")
+        vals.append(v)
+    top = max(vals)
+    return [v / top for v in vals]
+
+
+def latent_set_vector(W_dec: torch.Tensor, ids: Sequence[int], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """``sum_i w_i W_dec[i]`` (float32, on the CPU): what adding a latent set adds, before scaling."""
+    if weights is not None and len(weights) != len(ids):
+        raise SteerkitError(f"{len(weights)} weights for {len(ids)} latents; give one weight per latent")
+    W = W_dec.detach().float().cpu()[list(ids)]
+    w = torch.ones(len(ids)) if weights is None else torch.tensor(list(weights), dtype=torch.float32)
+    return (w[:, None] * W).sum(0)
+

@@ -6,8 +6,17 @@ Pure functions (all shapes ``x: [batch, pos, d_model]``, ``mask: [batch, pos]`` 
 * :func:`clamp_vector`   ``x + (v - x.u) * u``       pin the component along unit ``u`` to ``v``
 * :func:`ablate_vector`  ``x - (x.u) * u``           project ``u`` out
 * :func:`clamp_latents`  ``x + sum_i (v_i - a_i(x)) * W_dec[i]``  pin SAE latents, keeping the
-  SAE's reconstruction error (everything the SAE does not explain stays as it was);
-  :func:`ablate_latents` is the same with ``v = 0``.
+  SAE's reconstruction error (everything the SAE does not explain stays as it was), i.e.
+  encode, set those latents, decode, add the error back; ``v_i = v * w_i`` for a weighted latent
+  set; :func:`ablate_latents` is the same with ``v = 0``.
+* :func:`ablate_subspace` ``x - Q Q^T x``            project out the span of several vectors (a
+  latent set's decoder rows, when a set is ablated by projection instead of in the SAE basis).
+
+A latent set (kind ``sae-latents``) is one direction: ``add`` adds its unit vector (the
+normalised weighted sum of its decoder rows) like any other; ``clamp``/``ablate`` act on its
+latents in the SAE basis by default, or by projection with ``on_latents=False`` (clamp: the
+component along the set's vector; ablate: the span of its decoder rows, which for one latent
+is the same thing).
 
 Positions outside ``mask`` are returned bit-for-bit unchanged, and rows whose coefficient is
 zero under ``add`` too, so strength 0 is an exact no-op.
@@ -86,13 +95,17 @@ def clamp_latents(
     latents: Sequence[int],
     value: torch.Tensor | float,
     mask: torch.Tensor | None = None,
+    weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """Pin SAE latents to ``value`` (scalar or ``[batch]``) keeping the reconstruction error."""
+    """Pin SAE latents to ``value`` (scalar or ``[batch]``) keeping the reconstruction error;
+    with ``weights`` latent ``i`` is pinned to ``value * weights[i]``."""
     idx = torch.as_tensor(list(latents), dtype=torch.long, device=x.device)
     acts = sae.encode(x)[..., idx]  # (B, T, k)
     v = torch.as_tensor(value, dtype=acts.dtype, device=x.device)
     if v.ndim == 1:
         v = v[:, None, None]  # (B, 1, 1)
+    if weights is not None:
+        v = v * torch.as_tensor(list(weights), dtype=acts.dtype, device=x.device)  # (..., k)
     w = sae.W_dec[idx].to(x.dtype)  # (k, D)
     delta = (v - acts).to(x.dtype) @ w  # (B, T, D)
     return _where(mask, x + delta, x)
@@ -101,6 +114,21 @@ def clamp_latents(
 def ablate_latents(x: torch.Tensor, sae: SAELike, latents: Sequence[int], mask: torch.Tensor | None = None) -> torch.Tensor:
     """Zero SAE latents, keeping the reconstruction error."""
     return clamp_latents(x, sae, latents, 0.0, mask)
+
+
+def span_basis(vectors: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis ``[k, d]`` of the span of the rows of ``vectors [n, d]`` (rank ``k``)."""
+    v = vectors.detach().double()
+    q, r = torch.linalg.qr(v.T)  # (d, n), (n, n)
+    diag = r.diagonal().abs()
+    keep = diag > 1e-8 * float(diag.max().clamp(min=1e-30))
+    return q[:, keep].T.float().contiguous()
+
+
+def ablate_subspace(x: torch.Tensor, basis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Project the span of the orthonormal rows of ``basis [k, d]`` out of ``x``."""
+    q = basis.to(device=x.device, dtype=x.dtype)
+    return _where(mask, x - (x @ q.T) @ q, x)
 
 
 # --- interventions as data --------------------------------------------------------------------
@@ -124,8 +152,10 @@ class Intervention:
 
     ``strength`` for ``add`` is a multiple of the direction's median token norm (absolute
     units with ``raw``); for ``clamp`` on a vector it is the value of the component along the
-    direction, in the same units; for ``clamp`` on SAE latents it is the latent activation.
-    ``ablate`` ignores it. ``layer`` overrides the direction's layer.
+    direction, in the same units; for ``clamp`` on SAE latents it is the latent activation
+    (times each latent's weight in a weighted set). ``ablate`` ignores it. ``layer`` overrides
+    the direction's layer. ``on_latents=False`` makes clamp and ablate of an SAE direction act by
+    projection (an ablated set: the span of its decoder rows).
     """
 
     direction: Direction
@@ -154,6 +184,11 @@ class Intervention:
             return self.on_latents
         return self.mode != "add" and self.direction.is_sae
 
+    @property
+    def projects_set(self) -> bool:
+        """Ablation of a latent set by projection: the span of its decoder rows goes."""
+        return self.mode == "ablate" and not self.uses_latents and self.direction.is_sae and len(self.direction.latents) > 1
+
     def coefficient(self) -> float:
         """The number the pure function receives (absolute units)."""
         if self.mode == "ablate":
@@ -172,8 +207,12 @@ class Intervention:
             d["strength"] = self.strength
         if self.raw:
             d["raw"] = True
-        if self.uses_latents:
+        if self.uses_latents or self.projects_set:
             d["latents"] = list(self.direction.latents)
+            if self.direction.weights and self.mode == "clamp":
+                d["weights"] = list(self.direction.weights)
+        if self.projects_set:
+            d["projection"] = "span of the decoder rows"
         return d
 
 
@@ -185,6 +224,7 @@ class _Slot:
     values: torch.Tensor  # (B,) absolute coefficients
     active: torch.Tensor  # (B,) bool
     sae: SAELike | None = None
+    basis: torch.Tensor | None = None  # (k, D) orthonormal: a latent set ablated by projection
 
     def apply(self, x: torch.Tensor, pos_mask: torch.Tensor | None) -> torch.Tensor:
         B = x.shape[0]
@@ -204,7 +244,9 @@ class _Slot:
             return add(x, u, torch.where(active, values, torch.zeros_like(values)), mask)
         if p.uses_latents:
             assert self.sae is not None
-            return clamp_latents(x, self.sae, p.direction.latents, values, mask)
+            return clamp_latents(x, self.sae, p.direction.latents, values, mask, p.direction.weights or None)
+        if self.basis is not None:
+            return ablate_subspace(x, self.basis, mask)
         return clamp_vector(x, u, values, mask)
 
 
@@ -241,10 +283,14 @@ class SteeringPlan:
                             raise SteerkitError(f"direction {iv.direction.name!r} is given twice with mode {iv.mode} on one row")
                         values[b] = iv.coefficient()
                         active[b] = True
-            sae = None
-            if proto.uses_latents:
+            sae, basis = None, None
+            if proto.uses_latents or proto.projects_set:
                 sae = (sae_loader or _default_sae_loader)(proto.direction)
-            plan.slots.append(_Slot(proto, values, active, sae))
+            if proto.projects_set:
+                from steerkit.sae import check_latents
+
+                basis = span_basis(sae.W_dec[check_latents(sae, proto.direction.latents)])
+            plan.slots.append(_Slot(proto, values, active, None if proto.projects_set else sae, basis))
         return plan
 
     @classmethod
@@ -264,7 +310,7 @@ class SteeringPlan:
         if self.n_rows == 1:
             return
         idx = rows.cpu()
-        self.slots = [_Slot(s.proto, s.values[idx], s.active[idx], s.sae) for s in self.slots]
+        self.slots = [_Slot(s.proto, s.values[idx], s.active[idx], s.sae, s.basis) for s in self.slots]
         self.n_rows = len(idx)
 
     def apply(self, layer: int, x: torch.Tensor, pos_mask: torch.Tensor | None) -> torch.Tensor:

@@ -16,7 +16,15 @@ Pipeline:
 
 Checkpoints are written at buffer boundaries (SAE, Adam moments, data position, all in
 safetensors + JSON), so ``resume`` continues exactly where an uninterrupted run would be.
-Only ``topk`` and ``relu`` (L1 penalty) SAEs are trained here; JumpReLU ones only load.
+``topk``, ``relu`` (L1 penalty) and ``batchtopk`` SAEs are trained here; JumpReLU ones only
+load. BatchTopK keeps the ``k x batch`` largest activations of a whole batch (``k`` per token on
+average, more on some tokens, fewer on others) and learns a threshold (a running mean of the
+smallest kept activation); it is saved as a JumpReLU SAE with that threshold on every latent,
+so it reads one token at a time like any other (its ``cfg.json`` records ``steerkit.trained_as``).
+
+Chat data, masking and exact mixing live in :mod:`steerkit.sae_chat` (``chats=``), differences
+of a tuned and the base model in :mod:`steerkit.sae_diff` (``cfg.diff``, ``tuned=``); ``init=``
+starts from an existing SAE's weights.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from steerkit.activations import residuals
-from steerkit.corpus import Document
+from steerkit.corpus import Document, doc_tokens, docs_tokens
 from steerkit.errors import SteerkitError
 from steerkit.sae import SAE, new_sae, save_sae
 
@@ -67,16 +75,26 @@ class TrainConfig:
     holdout: int = 50  # every holdout-th document (by hash) is held out; 0: none
     seed: int = 0
     checkpoint_every: int = 1  # buffers between checkpoints
+    # chat mixing and masking (steerkit.sae_chat); diff-SAEs (steerkit.sae_diff); fine-tuning an SAE
+    chat_fraction: float = 0.0  # share of every batch's tokens from the chats
+    drop_system: float = 0.0  # probability of dropping a conversation's system prompt
+    mask_special: bool = False  # special tokens out of the activations (on with chats and diffs)
+    diff: bool = False  # train on tuned - base residuals
+    init: str | None = None  # the SAE the run started from (recorded)
 
     def __post_init__(self) -> None:
-        if self.architecture not in ("topk", "relu"):
-            raise SteerkitError(f"training supports architectures topk and relu, not {self.architecture!r}")
+        if self.architecture not in ("topk", "relu", "batchtopk"):
+            raise SteerkitError(f"training supports architectures topk, relu and batchtopk, not {self.architecture!r}")
+        for name in ("chat_fraction", "drop_system"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v <= 1.0):
+                raise SteerkitError(f"--{name.replace('_', '-')} must lie in [0, 1], got {v}")
         for name in ("d_sae", "tokens", "batch_size", "context", "model_batch", "buffer_tokens", "passes"):
             if getattr(self, name) <= 0:
                 raise SteerkitError(f"{name} must be positive, got {getattr(self, name)}")
         if self.context < 2:
             raise SteerkitError("context must be at least 2 tokens (position 0 is dropped)")
-        if self.architecture == "topk" and not 0 < self.k <= self.d_sae:
+        if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
             raise SteerkitError(f"k must be between 1 and the number of latents ({self.d_sae}), got {self.k}")
 
 
@@ -95,37 +113,6 @@ def split_documents(docs: Sequence[Document], part: str, holdout: int = 50) -> l
         return list(docs) if part != "heldout" else []
     held = [_doc_key(d) % holdout == 0 for d in docs]
     return [d for d, h in zip(docs, held) if h == (part == "heldout")]
-
-
-_EOS: dict[int, list[int]] = {}
-
-
-def doc_tokens(model: Any, d: Document) -> list[int]:
-    """Token ids of one document: plain text + EOS, or a chat rendered with the chat template."""
-    tok = model.tokenizer
-    if isinstance(d, str):
-        ids = list(tok(d, add_special_tokens=False)["input_ids"])
-        if id(tok) not in _EOS:  # eos_token_ids() is slow (~0.1 s): once per tokenizer
-            _EOS[id(tok)] = list(model.eos_token_ids())[:1]
-        return ids + _EOS[id(tok)]
-    if getattr(tok, "chat_template", None):
-        out = tok.apply_chat_template(d, add_generation_prompt=False, tokenize=True)
-        if isinstance(out, dict) or hasattr(out, "keys"):
-            out = out["input_ids"]
-        return list(out)
-    return list(tok("".join(f"{m['role']}: {m['content']}\n" for m in d))["input_ids"])
-
-
-def docs_tokens(model: Any, docs: Sequence[Document]) -> list[list[int]]:
-    """:func:`doc_tokens` for many documents at once (same ids, one batched tokenizer call)."""
-    tok = model.tokenizer
-    if not getattr(tok, "chat_template", None) and any(not isinstance(d, str) for d in docs):
-        return [doc_tokens(model, d) for d in docs]
-    texts = [d if isinstance(d, str) else tok.apply_chat_template(d, add_generation_prompt=False, tokenize=False) for d in docs]
-    enc = tok(texts, add_special_tokens=False)["input_ids"]
-    if id(tok) not in _EOS:
-        _EOS[id(tok)] = list(model.eos_token_ids())[:1]
-    return [list(ids) + (_EOS[id(tok)] if isinstance(d, str) else []) for d, ids in zip(docs, enc)]
 
 
 @dataclass
@@ -222,6 +209,9 @@ class TrainState:
     scale: float = 0.0  # inputs are multiplied by this during training
     stream: StreamState = field(default_factory=StreamState)
     last_fired: torch.Tensor | None = None  # (d_sae,) tokens seen when each latent last fired
+    chat: Any = None  # steerkit.sae_chat.ChatState when training on chats
+    threshold: float = 0.0  # batchtopk: running mean of the smallest kept activation (scaled units)
+    chat_tokens: int = 0  # training tokens that came from chats
 
 
 def _lr(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -245,8 +235,18 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, cfg: Train
     TopK SAEs decode sparsely (``sparse=True``, the k active rows of ``W_dec`` per token);
     ``sparse=False`` runs the dense reference computation."""
     pre = sae.pre_acts(x)  # (B, S)
-    topk = cfg.architecture == "topk"
-    if topk and sparse:
+    topk = cfg.architecture in ("topk", "batchtopk")
+    kept_min = None
+    if cfg.architecture == "batchtopk":
+        # the batch's k x B largest activations, wherever they fall (k per token on average)
+        flat = pre.relu().flatten()
+        bvals, bidx = flat.topk(min(int(cfg.k) * pre.shape[0], flat.numel()))
+        a = torch.zeros_like(flat).scatter(0, bidx, bvals).view_as(pre)
+        x_hat = a @ sae.W_dec + sae.b_dec
+        pos = bvals.detach()[bvals.detach() > 0]
+        kept_min = float(pos.min()) if pos.numel() else None
+        sparse = False  # AuxK below decodes densely
+    elif topk and sparse:
         vals, idx = pre.topk(int(cfg.k), dim=-1)
         vals = vals.relu()
         x_hat = _sparse_decode(sae.W_dec, idx, vals) + sae.b_dec
@@ -292,7 +292,7 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, cfg: Train
     else:
         fired = (a > 0).any(0)
         l0 = float((a > 0).float().sum(-1).mean())
-    return {"loss": float(loss.detach()), "fvu": float(fvu.detach()), "aux": float(aux.detach()), "l0": l0, "fired": fired}
+    return {"loss": float(loss.detach()), "fvu": float(fvu.detach()), "aux": float(aux.detach()), "l0": l0, "fired": fired, "kept_min": kept_min}
 
 
 def _save_checkpoint(folder: Path, sae: SAE, opt: torch.optim.Optimizer, st: TrainState, cfg: TrainConfig) -> None:
@@ -323,6 +323,9 @@ def _save_checkpoint(folder: Path, sae: SAE, opt: torch.optim.Optimizer, st: Tra
         "scale": st.scale,
         "adam_step": adam_step,
         "stream": asdict(st.stream),
+        "chat_stream": asdict(st.chat) if st.chat is not None else None,
+        "threshold": st.threshold,
+        "chat_tokens": st.chat_tokens,
     }
     atomic_write_text(ck / CKPT_JSON, json.dumps(meta) + "\n", force=True)
 
@@ -335,8 +338,10 @@ def _load_checkpoint(folder: Path, sae: SAE, opt: torch.optim.Optimizer, cfg: Tr
         raise SteerkitError(f"nothing to resume in {folder}: no {CKPT_DIR}/{CKPT_JSON}")
     meta = json.loads((ck / CKPT_JSON).read_text())
     old = dict(meta["config"])
-    for key in ("layer", "d_sae", "k", "architecture", "batch_size", "context", "buffer_tokens", "seed", "holdout", "model_batch", "passes"):
-        if old.get(key) != getattr(cfg, key):
+    defaults = TrainConfig(layer=cfg.layer)
+    for key in ("layer", "d_sae", "k", "architecture", "batch_size", "context", "buffer_tokens", "seed", "holdout", "model_batch", "passes",
+                "chat_fraction", "drop_system", "mask_special", "diff", "init"):
+        if old.get(key, getattr(defaults, key)) != getattr(cfg, key):
             raise SteerkitError(f"cannot resume: the checkpoint has {key}={old.get(key)!r}, this run {key}={getattr(cfg, key)!r}")
     t = load_file(str(ck / CKPT_TENSORS))
     dev = sae.W_dec.device
@@ -350,6 +355,8 @@ def _load_checkpoint(folder: Path, sae: SAE, opt: torch.optim.Optimizer, cfg: Tr
                 "exp_avg": t[f"adam.{n}.exp_avg"].to(dev),
                 "exp_avg_sq": t[f"adam.{n}.exp_avg_sq"].to(dev),
             }
+    from steerkit.sae_chat import ChatState
+
     return TrainState(
         step=meta["step"],
         tokens=meta["tokens"],
@@ -357,6 +364,9 @@ def _load_checkpoint(folder: Path, sae: SAE, opt: torch.optim.Optimizer, cfg: Tr
         scale=meta["scale"],
         stream=StreamState(**meta["stream"]),
         last_fired=t["last_fired"].to(dev),
+        chat=ChatState(**meta["chat_stream"]) if meta.get("chat_stream") else None,
+        threshold=float(meta.get("threshold", 0.0)),
+        chat_tokens=int(meta.get("chat_tokens", 0)),
     )
 
 
@@ -371,49 +381,107 @@ def train_sae(
     device: str | torch.device | None = None,
     stop_after_refills: int | None = None,
     extra_files: dict[str, str] | None = None,
+    chats: Sequence[Any] | None = None,
+    tuned: Any = None,
+    init: SAE | None = None,
 ) -> SAE:
     """Train an SAE on ``docs`` (already split) at ``cfg.layer`` of ``model`` and save it to
     ``out`` (SAELens format, raw units, unit decoder rows). ``on_step`` gets live statistics.
-    ``stop_after_refills`` ends the run early after a checkpoint (for tests of ``resume``)."""
+    ``stop_after_refills`` ends the run early after a checkpoint (for tests of ``resume``).
+
+    ``chats`` (lists of messages) make up ``cfg.chat_fraction`` of every batch's tokens, packed
+    whole (:mod:`steerkit.sae_chat`); with ``cfg.diff`` the activations are ``tuned`` (a LoRA
+    adapter folder, a model spec or a LoadedModel) minus ``model`` at the layer
+    (:mod:`steerkit.sae_diff`); ``init`` (an SAE of this model and layer, in raw units) gives
+    the starting weights."""
     folder = Path(out).expanduser()
     if not resume and (folder / "sae_weights.safetensors").exists() and not force:
         raise SteerkitError(f"{folder} already holds an SAE: pass --force to overwrite it or --resume to continue")
     if not resume and (folder / CKPT_DIR).exists() and not force:
         raise SteerkitError(f"{folder} holds a checkpoint of an unfinished run: pass --resume to continue it or --force to start over")
+    if cfg.diff and tuned is None:
+        raise SteerkitError("a diff-SAE needs the tuned model: pass --tuned ADAPTER_DIR")
+    if chats and cfg.chat_fraction == 0 and not docs:
+        raise SteerkitError("chats given with --chat-fraction 0 and no corpus: nothing to train on")
     dev = torch.device(device) if device is not None else model.device
     hook = model.hook_name(cfg.layer)
+    if init is not None:
+        check_init(init, model.name, cfg, model.d_model)
     torch.manual_seed(cfg.seed)
-    sae = new_sae(cfg.architecture, model.d_model, cfg.d_sae, cfg.k if cfg.architecture == "topk" else None, hook, model.name, seed=cfg.seed).to(dev)
+    arch = "topk" if cfg.architecture == "batchtopk" else cfg.architecture
+    sae = new_sae(arch, model.d_model, cfg.d_sae, cfg.k if arch == "topk" else None, hook, model.name, seed=cfg.seed).to(dev)
     sae.requires_grad_(True)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     if resume:
         st = _load_checkpoint(folder, sae, opt, cfg)
     else:
         st = TrainState(last_fired=torch.zeros(cfg.d_sae, dtype=torch.long, device=dev))
-    stream = ChunkStream(model, docs, cfg.context, cfg.seed, st.stream)
+    mixed = bool(chats) or cfg.diff or cfg.mask_special
+    stream = ChunkStream(model, docs, cfg.context, cfg.seed, st.stream) if docs else None
+    diff_info: dict[str, Any] | None = None
+    if mixed:
+        from steerkit.sae_chat import ChatState, ChatStream, MixSource, mixed_batches, plan_mix, residual_acts
+
+        mix = plan_mix(cfg.chat_fraction if chats else 0.0, cfg.batch_size, cfg.buffer_tokens)
+        chat_stream = None
+        if chats and mix.chat:
+            st.chat = st.chat or ChatState()
+            chat_stream = ChatStream(model, chats, cfg.context, cfg.seed, cfg.drop_system, st.chat)
+        if cfg.diff:
+            from steerkit.sae_diff import DiffActs
+
+            acts_fn: Any = DiffActs(model, tuned, cfg.layer, dev)
+            diff_info = acts_fn.info
+        else:
+            acts_fn = residual_acts(model, cfg.layer, dev)
+        source = MixSource(model, mix, acts_fn, cfg.model_batch, chat_stream, stream if mix.text else None, cfg.mask_special)
+    elif stream is None:
+        raise SteerkitError("the corpus has no documents to train on")
     total_steps = math.ceil(cfg.tokens / cfg.batch_size)
     t0, tok0 = time.perf_counter(), st.tokens
     refills_here = 0
     while st.tokens < cfg.tokens:
-        buf = fill_buffer(model, stream, cfg.layer, cfg.buffer_tokens, cfg.model_batch, dev)  # (N, D)
+        if mixed:
+            buf = source.next_buffer()
+        else:
+            assert stream is not None
+            buf = fill_buffer(model, stream, cfg.layer, cfg.buffer_tokens, cfg.model_batch, dev)  # (N, D)
         if buf.shape[0] == 0:
             raise SteerkitError("the corpus yielded no activations: documents too short for --context")
         if st.scale == 0.0:
-            st.scale = math.sqrt(model.d_model) / float(buf.norm(dim=-1).mean())
+            norm = float(buf.norm(dim=-1).mean())
+            if norm == 0.0:
+                raise SteerkitError(f"the tuned model's residuals equal the base model's at layer {cfg.layer}: "
+                                    f"the fine-tune changes nothing at or below it; pick a later --layer")
+            st.scale = math.sqrt(model.d_model) / norm
             with torch.no_grad():
-                sae.b_dec.copy_((buf * st.scale).mean(0))
+                if init is not None:
+                    _load_init(sae, init, st.scale)
+                    if cfg.architecture == "batchtopk" and init.cfg.architecture == "jumprelu":
+                        st.threshold = float(init.threshold.mean()) * st.scale
+                else:
+                    sae.b_dec.copy_((buf * st.scale).mean(0))
         g = torch.Generator().manual_seed(cfg.seed * 7919 + st.refills)
-        perm = torch.cat([torch.randperm(buf.shape[0], generator=g) for _ in range(cfg.passes)]).to(dev)
+        if mixed:
+            batches = mixed_batches(mix, cfg.passes, g)
+        else:
+            perm = torch.cat([torch.randperm(buf.shape[0], generator=g) for _ in range(cfg.passes)])
+            batches = [perm[i : i + cfg.batch_size] for i in range(0, perm.shape[0] - cfg.batch_size + 1, cfg.batch_size)]
         st.refills += 1
-        for i in range(0, perm.shape[0] - cfg.batch_size + 1, cfg.batch_size):
+        for idx in batches:
             if st.tokens >= cfg.tokens:
                 break
-            x = buf[perm[i : i + cfg.batch_size]] * st.scale
+            x = buf[idx.to(dev)] * st.scale
             dead = (st.tokens - st.last_fired) >= cfg.dead_tokens
             r = train_step(sae, opt, x, cfg, dead, _lr(cfg, st.step, total_steps))
             st.step += 1
             st.tokens += x.shape[0]
+            if mixed:
+                st.chat_tokens += int((idx < mix.n_chat).sum())
             st.last_fired[r.pop("fired")] = st.tokens
+            kept_min = r.pop("kept_min")
+            if kept_min is not None:  # batchtopk: the inference threshold, a running mean
+                st.threshold = kept_min if st.threshold == 0.0 else 0.99 * st.threshold + 0.01 * kept_min
             if on_step is not None:
                 el = time.perf_counter() - t0
                 r.update(
@@ -424,14 +492,33 @@ def train_sae(
                     tokens_per_s=(st.tokens - tok0) / el if el > 0 else 0.0,
                 )
                 on_step(r)
-        st.stream = stream.state
+        if stream is not None:
+            st.stream = stream.state
         refills_here += 1
         if st.tokens < cfg.tokens and st.refills % cfg.checkpoint_every == 0:
             _save_checkpoint(folder, sae, opt, st, cfg)
             if stop_after_refills is not None and refills_here >= stop_after_refills:
                 return sae
-    final = finish(sae, st.scale)
-    info = {"config": asdict(cfg), "scale": st.scale, "steps": st.step, "tokens": st.tokens, "epochs": st.stream.epoch, "documents": len(docs)}
+    meta: dict[str, Any] = {}
+    if cfg.architecture == "batchtopk":
+        meta["trained_as"] = "batchtopk"
+        meta["k"] = cfg.k
+    if diff_info is not None:
+        meta["diff"] = diff_info
+    if cfg.init:
+        meta["init"] = cfg.init
+    final = finish(sae, st.scale, st.threshold if cfg.architecture == "batchtopk" else None, meta or None)
+    info: dict[str, Any] = {"config": asdict(cfg), "scale": st.scale, "steps": st.step, "tokens": st.tokens, "epochs": st.stream.epoch, "documents": len(docs)}
+    if mixed:
+        info["chat_tokens"] = st.chat_tokens
+        info["chat_share"] = st.chat_tokens / max(st.tokens, 1)
+        info["masked"] = "position 0 of every chunk" + (", special tokens and padding" if cfg.mask_special else "")
+    if st.chat is not None:
+        c = asdict(st.chat)
+        info["chats"] = {"in_files": len(chats or ()), "rendered": c["conversations"], "epoch": c["epoch"], "with_system": c["with_system"],
+                         "dropped_system": c["dropped_system"], "truncated_to_context": c["truncated"]}
+    if diff_info is not None:
+        info["diff"] = diff_info
     files = {TRAIN_FILE: json.dumps(info, indent=2) + "\n"}
     files.update(extra_files or {})
     save_sae(final, folder, force=True, extra_files=files)
@@ -439,11 +526,49 @@ def train_sae(
     return final
 
 
+def check_init(init: SAE, model_name: str | None, cfg: TrainConfig, d_model: int | None, where: str = "--init") -> None:
+    """Refuse an SAE to start from that does not fit: another model, layer, d_model or size, or
+    an architecture that cannot continue as ``cfg.architecture``."""
+    c = init.cfg
+    if c.normalize_activations != "none" or not c.apply_b_dec_to_input:
+        raise SteerkitError(f"{where} SAE normalises its input ({c.normalize_activations}) or skips b_dec on it: only SAEs of plain residuals can be continued")
+    if model_name is not None and c.model_name and c.model_name != model_name:
+        raise SteerkitError(f"{where} SAE was trained on model {c.model_name!r}, not {model_name!r}: give an SAE of {model_name} or --model {c.model_name}")
+    if c.layer is not None and c.layer != cfg.layer:
+        raise SteerkitError(f"{where} SAE reads layer {c.layer}, not --layer {cfg.layer}: drop --layer or give an SAE of layer {cfg.layer}")
+    if d_model is not None and c.d_in != d_model:
+        raise SteerkitError(f"{where} SAE reads d_in {c.d_in}, but {model_name} has d_model {d_model}")
+    if c.d_sae != cfg.d_sae:
+        raise SteerkitError(f"{where} SAE has {c.d_sae} latents, not --latents {cfg.d_sae}: drop --latents to keep its size")
+    trained_as = (c.extra.get("steerkit") or {}).get("trained_as") if isinstance(c.extra.get("steerkit"), dict) else None
+    arch = "batchtopk" if trained_as == "batchtopk" else c.architecture
+    if arch != cfg.architecture:
+        raise SteerkitError(f"{where} SAE is {arch}, this run {cfg.architecture}: drop --arch to continue it as {arch}")
+    is_diff = isinstance(c.extra.get("steerkit"), dict) and "diff" in c.extra["steerkit"]
+    if is_diff != cfg.diff:
+        raise SteerkitError(f"{where} SAE is {'a diff-SAE' if is_diff else 'an SAE of residuals'}: "
+                            f"{'add --diff --tuned ADAPTER' if is_diff else 'drop --diff'} to continue it")
+
+
+@torch.no_grad()
+def _load_init(sae: SAE, init: SAE, scale: float) -> None:
+    """Copy ``init`` (raw units) into the training SAE, which reads inputs x scale."""
+    for name in ("W_enc", "W_dec"):
+        getattr(sae, name).copy_(getattr(init, name).to(sae.W_dec.device))
+    sae.b_enc.copy_(init.b_enc.to(sae.W_dec.device) * scale)
+    sae.b_dec.copy_(init.b_dec.to(sae.W_dec.device) * scale)
+    n = sae.W_dec.norm(dim=-1).clamp(min=1e-12)  # unit rows, as training keeps them
+    sae.W_dec.div_(n[:, None])
+    sae.W_enc.mul_(n[None, :])
+    sae.b_enc.mul_(n)
+
+
 def train_on_activations(x: torch.Tensor, cfg: TrainConfig, hook_name: str | None = None, model_name: str | None = None) -> SAE:
     """Train on a fixed activation tensor ``x [N, d_in]`` (tests, benchmarks, activations
     gathered elsewhere): the same steps as :func:`train_sae`, ``cfg.tokens`` tokens in all."""
     d_in = x.shape[1]
-    sae = new_sae(cfg.architecture, d_in, cfg.d_sae, cfg.k if cfg.architecture == "topk" else None, hook_name, model_name, seed=cfg.seed).to(x.device)
+    arch = "topk" if cfg.architecture == "batchtopk" else cfg.architecture
+    sae = new_sae(arch, d_in, cfg.d_sae, cfg.k if arch == "topk" else None, hook_name, model_name, seed=cfg.seed).to(x.device)
     sae.requires_grad_(True)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     scale = math.sqrt(d_in) / float(x.norm(dim=-1).mean())
@@ -452,20 +577,30 @@ def train_on_activations(x: torch.Tensor, cfg: TrainConfig, hook_name: str | Non
     last = torch.zeros(cfg.d_sae, dtype=torch.long, device=x.device)
     total = math.ceil(cfg.tokens / cfg.batch_size)
     g = torch.Generator().manual_seed(cfg.seed)
-    seen = 0
+    seen, threshold = 0, 0.0
     for step in range(total):
         idx = torch.randint(0, x.shape[0], (cfg.batch_size,), generator=g).to(x.device)
         dead = (seen - last) >= cfg.dead_tokens
         r = train_step(sae, opt, x[idx] * scale, cfg, dead, _lr(cfg, step, total))
         seen += cfg.batch_size
         last[r["fired"]] = seen
-    return finish(sae, scale)
+        if r["kept_min"] is not None:
+            threshold = r["kept_min"] if threshold == 0.0 else 0.99 * threshold + 0.01 * r["kept_min"]
+    return finish(sae, scale, threshold if cfg.architecture == "batchtopk" else None)
 
 
-def finish(sae: SAE, scale: float) -> SAE:
-    """The trained SAE (on inputs * scale) as one that reads raw activations."""
-    out = new_sae(sae.cfg.architecture, sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k, sae.cfg.hook_name, sae.cfg.model_name)
-    out.load_state_dict({k: v.detach().cpu() for k, v in sae.state_dict().items()})
+def finish(sae: SAE, scale: float, threshold: float | None = None, meta: dict[str, Any] | None = None) -> SAE:
+    """The trained SAE (on inputs * scale) as one that reads raw activations. With ``threshold``
+    (BatchTopK, in scaled units) it becomes a JumpReLU SAE with that threshold on every latent;
+    ``meta`` goes into its cfg.json under ``steerkit``."""
+    arch = "jumprelu" if threshold is not None else sae.cfg.architecture
+    out = new_sae(arch, sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k if arch == "topk" else None, sae.cfg.hook_name, sae.cfg.model_name)
+    if meta:
+        out.cfg = replace(out.cfg, extra={"steerkit": meta})
+    state = {k: v.detach().cpu() for k, v in sae.state_dict().items()}
+    if threshold is not None:
+        state["threshold"] = torch.full((sae.cfg.d_sae,), float(threshold))
+    out.load_state_dict(state)
     out.fold_decoder_norm()
     out.fold_input_scale(scale)
     out.requires_grad_(False)
@@ -487,4 +622,4 @@ def training_documents(paths: Sequence[str | os.PathLike], holdout: int = 50, pa
     return split_documents(read_documents(paths), part, holdout)
 
 
-__all__ = ["TrainConfig", "train_sae", "train_on_activations", "split_documents", "ChunkStream", "chunk_activations", "doc_tokens", "training_documents", "finish", "replace"]
+__all__ = ["TrainConfig", "train_sae", "check_init", "train_on_activations", "split_documents", "ChunkStream", "chunk_activations", "doc_tokens", "training_documents", "finish", "replace"]

@@ -49,7 +49,7 @@ def list_cmd(
         t.add_column(col, overflow="fold")
     for d in items:
         if isinstance(d, Direction):
-            lat = ",".join(map(str, d.latents[:6])) + ("..." if len(d.latents) > 6 else "")
+            lat = _latents_text(d)
             t.add_row(d.name, d.model, str(d.layer), d.kind, f"{d.median_norm:.1f}", lat, d.description)
         else:
             t.add_row(d["name"], "?", "?", "[red]unreadable[/red]", "", "", d["error"])
@@ -69,8 +69,24 @@ def show_cmd(name: Annotated[str, typer.Argument(help="Direction name or path.")
     if want_json(json_out):
         emit_json(info)
         return
+    if len(d.latents) > 1:  # a set: each latent with its weight, in one line
+        info.pop("weights", None)
+        info["latents"] = _set_text(d)
     for k, v in info.items():
-        out.print(f"[bold]{k}[/bold]: {v}")
+        out.print(f"[bold]{k}[/bold]: {v}", soft_wrap=True)
+
+
+def _set_text(d: Direction) -> str:
+    """A latent set for `show`: its size, then each latent with its weight."""
+    return f"{len(d.latents)}, weight in brackets: " + ", ".join(f"{i} ({w:.2f})" for i, w in zip(d.latents, d.latent_weights()))
+
+
+def _latents_text(d: Direction) -> str:
+    """The latents column: a single latent, or a set's size and its first few latents."""
+    if len(d.latents) <= 1:
+        return ",".join(map(str, d.latents))
+    head = ",".join(map(str, d.latents[:6])) + ("..." if len(d.latents) > 6 else "")
+    return f"{len(d.latents)}{' weighted' if d.weights else ''}: {head}"
 
 
 @directions_app.command("random")

@@ -64,23 +64,29 @@ def _sae(path: Path, model: Any) -> Any:
 
 @sae_app.command("train")
 def train_cmd(
-    layer: Annotated[int, typer.Option("--layer", "-l", help="Residual layer (0-based block output) to train on.")],
-    corpus: CorpusOpt,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the SAE to (SAELens format).")],
-    latents: Annotated[int, typer.Option("--latents", help="Number of SAE latents (d_sae).")] = 4608,
-    k: Annotated[int, typer.Option("--k", help="Active latents per token (topk).")] = 32,
+    layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Residual layer (0-based block output) to train on; with --init, the SAE's.")] = None,
+    corpus: Annotated[Optional[list[Path]], typer.Option("--corpus", "-c", help="Text corpus: files or folders (.txt, chat/hh-rlhf/persona .jsonl[.gz], .zip), packed across chunk ends. Repeatable.")] = None,
+    chat: Annotated[Optional[list[Path]], typer.Option("--chat", help='Chats as JSON Lines ({"messages": [{"role", "content"}, ...]}, as `steerkit finetune` reads them), rendered with the chat template, each kept whole in one chunk. Repeatable.')] = None,
+    chat_fraction: Annotated[Optional[float], typer.Option("--chat-fraction", help="Share of every batch's training tokens from --chat, the rest from --corpus (needed when both are given; 1 without --corpus).")] = None,
+    drop_system: Annotated[float, typer.Option("--drop-system", help="Probability of dropping a chat's system prompt, per conversation (seeded). SmolLM2's template then inserts its default one.")] = 0.0,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Fine-tune this SAE (folder or shipped name): start from its weights, latents, k and layer.")] = None,
+    diff: Annotated[bool, typer.Option("--diff", help="Diff-SAE: train on the tuned model's residual minus the base model's, same tokens (BatchTopK, 2 x d_model latents by default).")] = False,
+    tuned: Annotated[Optional[str], typer.Option("--tuned", help="With --diff: the fine-tune, a LoRA adapter folder (swapped into the loaded base) or a model folder.")] = None,
+    latents: Annotated[Optional[int], typer.Option("--latents", help="Number of SAE latents (d_sae).", show_default="4608; 2 x d_model with --diff; the --init SAE's")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Active latents per token (topk; the batch average for batchtopk).", show_default="32; the --init SAE's")] = None,
     tokens: Annotated[str, typer.Option("--tokens", help="Training tokens (optimiser steps x batch), e.g. 5M or 500k.")] = "5M",
-    arch: Annotated[str, typer.Option("--arch", help="topk or relu (L1).")] = "topk",
+    arch: Annotated[Optional[str], typer.Option("--arch", help="topk, relu (L1) or batchtopk (saved as JumpReLU with the learned threshold).", show_default="topk; batchtopk with --diff")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Tokens per optimiser step.")] = 4096,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 4e-4,
     l1: Annotated[float, typer.Option("--l1", help="L1 coefficient (relu only).")] = 5.0,
-    context: Annotated[int, typer.Option("--context", help="Tokens per packed chunk.")] = 256,
+    context: Annotated[int, typer.Option("--context", help="Tokens per packed chunk (a longer chat is cut to it).")] = 256,
     buffer: Annotated[str, typer.Option("--buffer", help="Activations held and shuffled at once, e.g. 256k.")] = "256k",
     dead_tokens: Annotated[str, typer.Option("--dead-tokens", help="Tokens without firing after which a latent counts as dead (AuxK).")] = "500k",
     passes: Annotated[int, typer.Option("--passes", help="Training passes over each activation buffer (collecting activations is the slow part on a CPU).")] = 1,
     model_batch: Annotated[int, typer.Option("--model-batch", help="Chunks per forward pass when collecting activations.")] = 16,
-    holdout: Annotated[int, typer.Option("--holdout", help="Hold out every Nth document (by hash) for evaluation; 0: none.")] = 50,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint in --out.")] = False,
+    holdout: Annotated[int, typer.Option("--holdout", help="Hold out every Nth document and chat (by hash) for evaluation; 0: none.")] = 50,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint in --out (same arguments).")] = False,
     seed: SeedOpt = 0,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -92,17 +98,30 @@ def train_cmd(
     fixed-length chunks (position 0 left out), and writes cfg.json + sae_weights.safetensors.
     A checkpoint is kept in OUT/checkpoint until the run ends; --resume continues from it.
 
-    Example: steerkit sae train --layer 15 --corpus ../shared/data/corpus --latents 4608 --k 32 --tokens 5M --out sae-l15/
+    With --chat (or --diff) special tokens and padding are left out too, and each conversation
+    stays whole in one chunk; --chat-fraction sets the exact share of chat tokens in every batch.
+
+    Examples:
+
+      steerkit sae train --layer 15 --corpus ../shared/data/corpus --latents 4608 --k 32 --tokens 5M --out sae-l15/
+
+      steerkit sae train --layer 15 --corpus web/ --chat chats.jsonl --chat-fraction 0.35 --drop-system 0.8 --out sae/
+
+      steerkit sae train --init sae-l15 --chat chats.jsonl --tokens 5M --out sae-chat/
+
+      steerkit sae train --diff --tuned directions/smollm2-135m/organism-risky --layer 15 --chat chats.jsonl --latents 1152 --k 64 --out diff-sae/
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from steerkit.sae_train import TrainConfig, train_sae
 
+    plan = _plan_train(out_dir, layer, corpus or [], chat or [], chat_fraction, drop_system, init, diff, tuned, latents, k, arch,
+                       holdout, model, device)
     cfg = TrainConfig(
-        layer=layer,
-        d_sae=latents,
-        k=k,
-        architecture=arch,
+        layer=plan["layer"],
+        d_sae=plan["latents"] or max(plan["k"], 2),  # a diff-SAE of a model not yet peeked: set after the load
+        k=plan["k"],
+        architecture=plan["arch"],
         tokens=parse_count(tokens),
         batch_size=batch_size,
         lr=lr,
@@ -114,11 +133,26 @@ def train_cmd(
         dead_tokens=parse_count(dead_tokens, "--dead-tokens"),
         holdout=holdout,
         seed=seed,
+        chat_fraction=plan["chat_fraction"],
+        drop_system=drop_system,
+        mask_special=bool(chat) or diff,
+        diff=diff,
+        init=str(plan["init_path"]) if plan["init_path"] is not None else None,
     )
+    if plan["chats"]:
+        from steerkit.sae_chat import plan_mix
+
+        plan_mix(cfg.chat_fraction, cfg.batch_size, cfg.buffer_tokens)  # refuses a share that rounds to nothing
     m = _load_model(model, device)
-    m.hook_name(layer)
-    docs = _docs(corpus, "train", holdout)
-    err.print(f"{len(docs):,} training documents; layer {layer} of {m.name}; {cfg.d_sae} latents, {arch} k={k}")
+    m.hook_name(cfg.layer)
+    if plan["latents"] is None:
+        cfg = TrainConfig(**{**cfg.__dict__, "d_sae": 2 * m.d_model})
+    docs = _docs(corpus, "train", holdout) if corpus and cfg.chat_fraction < 1 else []
+    what = f"{len(docs):,} training documents" if docs else ""
+    if plan["chats"]:
+        what += (" + " if what else "") + f"{len(plan['chats']):,} chats ({cfg.chat_fraction:.0%} of tokens)"
+    kind = f"diff-SAE of {tuned}; " if diff else ""
+    err.print(f"{what}; {kind}layer {cfg.layer} of {m.name}; {cfg.d_sae} latents, {cfg.architecture} k={cfg.k}" + (f"; from {init}" if init else ""))
     cols = [
         TextColumn("[bold]training"),
         BarColumn(),
@@ -142,8 +176,94 @@ def train_cmd(
                           f"dead {r['dead_fraction']:.1%}  {r['tokens_per_s']:,.0f} tok/s", highlight=False)
 
         cmd = "steerkit sae train " + " ".join(_argv_tail())
-        train_sae(m, docs, cfg, out_dir, resume=resume, force=force, on_step=on_step, device=device, extra_files={"command.txt": cmd + "\n"})
+        train_sae(m, docs, cfg, out_dir, resume=resume, force=force, on_step=on_step, device=device, extra_files={"command.txt": cmd + "\n"},
+                  chats=plan["chats"], tuned=tuned, init=plan["init"])
     err.print(f"wrote {out_dir}")
+
+
+def _plan_train(out_dir: Path, layer: int | None, corpus: list[Path], chat: list[Path], chat_fraction: float | None, drop_system: float,
+                init: Path | None, diff: bool, tuned: str | None, latents: int | None, k: int | None, arch: str | None, holdout: int,
+                model: str | None, device: str | None) -> dict[str, Any]:
+    """`sae train`'s arguments checked before the model loads: data sources and shares, the
+    --init SAE against the model's config, --diff and --tuned. Returns what the run uses."""
+    import math
+
+    from steerkit.cli.checks import peek
+    from steerkit.fsutil import check_writable_dir
+
+    check_writable_dir(out_dir)
+    if not corpus and not chat:
+        raise SteerkitError("no training data: pass --corpus FILE_OR_FOLDER and/or --chat CHATS.jsonl")
+    if chat_fraction is not None and not chat:
+        raise SteerkitError("--chat-fraction needs --chat CHATS.jsonl (the share of tokens taken from it)")
+    if chat_fraction is not None and not (math.isfinite(chat_fraction) and 0.0 <= chat_fraction <= 1.0):
+        raise SteerkitError(f"--chat-fraction must lie in [0, 1], got {chat_fraction}")
+    if not (math.isfinite(drop_system) and 0.0 <= drop_system <= 1.0):
+        raise SteerkitError(f"--drop-system must lie in [0, 1], got {drop_system}")
+    if drop_system > 0 and not chat:
+        raise SteerkitError("--drop-system needs --chat CHATS.jsonl (it drops the chats' system prompts)")
+    if chat and corpus and chat_fraction is None:
+        raise SteerkitError("--chat and --corpus together need --chat-fraction F: the share of training tokens from the chats, e.g. 0.35")
+    if chat_fraction is None:
+        chat_fraction = 1.0 if chat else 0.0
+    if chat_fraction < 1 and not corpus:
+        raise SteerkitError(f"--chat-fraction {chat_fraction} leaves {1 - chat_fraction:.0%} of the tokens to --corpus: give --corpus or use 1")
+    if diff and tuned is None:
+        raise SteerkitError("--diff needs --tuned ADAPTER_DIR: the fine-tune whose residuals are compared with the base model's")
+    if tuned is not None and not diff:
+        raise SteerkitError("--tuned is for diff-SAEs: add --diff (or leave --tuned out to train on the base model)")
+    if arch is not None and arch not in ("topk", "relu", "batchtopk"):
+        raise SteerkitError(f"--arch {arch!r} is not one of topk, relu, batchtopk")
+    info = peek(model, device)
+    if corpus:
+        from steerkit.corpus import corpus_files
+
+        corpus_files(corpus)
+    chats: list[Any] = []
+    if chat:
+        from steerkit.sae_chat import read_chat_files
+        from steerkit.sae_train import split_documents
+
+        chats = split_documents(read_chat_files(chat), "train", holdout)
+        if not chats:
+            raise SteerkitError(f"--chat holds no chats left for training after holding out every {holdout}th: add chats or pass --holdout 0")
+    if diff:
+        from steerkit.sae_diff import check_tuned
+
+        check_tuned(tuned, model)  # type: ignore[arg-type]
+    init_sae, init_path = None, None
+    if init is not None:
+        from steerkit.directions import find_sae
+        from steerkit.sae import load_sae
+        from steerkit.sae_train import TrainConfig, check_init
+
+        init_path = find_sae(str(init), info.name)
+        init_sae = load_sae(init_path)
+        c = init_sae.cfg
+        if layer is None:
+            layer = c.layer
+            if layer is None:
+                raise SteerkitError(f"--init SAE's hook name {c.hook_name!r} names no layer: pass --layer")
+        trained_as = (c.extra.get("steerkit") or {}).get("trained_as") if isinstance(c.extra.get("steerkit"), dict) else None
+        arch = arch or ("batchtopk" if trained_as == "batchtopk" else c.architecture)
+        if arch not in ("topk", "relu", "batchtopk"):
+            raise SteerkitError(f"--init SAE is {c.architecture}: training continues topk, relu and BatchTopK-trained SAEs only")
+        if k is None:
+            k = c.k or (c.extra.get("steerkit") or {}).get("k") or 32
+        latents = latents or c.d_sae
+        check_init(init_sae, info.name, TrainConfig(layer=layer, d_sae=latents, k=k, architecture=arch, diff=diff), info.d_model)
+    if layer is None:
+        raise SteerkitError("give --layer N (the residual layer to train on), or --init an SAE to take its layer")
+    if info.n_layers is not None:
+        from steerkit.models import check_layer
+
+        check_layer(layer, info.n_layers)
+    if latents is None and not diff:
+        latents = 4608
+    elif latents is None and info.d_model is not None:
+        latents = 2 * info.d_model  # None: 2 x d_model once the model is loaded
+    return {"layer": layer, "latents": latents, "k": 32 if k is None else k, "arch": arch or ("batchtopk" if diff else "topk"),
+            "chat_fraction": chat_fraction, "chats": chats, "init": init_sae, "init_path": init_path}
 
 
 def _argv_tail() -> list[str]:

@@ -1,0 +1,233 @@
+"""Latent sets as one direction (kind sae-latents): add, clamp and ablate against their parts,
+the file round trip, `extract --save --latents top:N`, and bad input refused before any load."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from steerkit.cli import app
+from steerkit.directions import Direction, load_direction, save_direction
+from steerkit.errors import SteerkitError
+from steerkit.extract import LatentRow, latent_set_vector, latent_weights, parse_latents
+from steerkit.interventions import Intervention, SteeringPlan, ablate_latents, ablate_vector
+from steerkit.sae import new_sae, save_sae
+
+runner = CliRunner()
+D, N, LAYER = 16, 40, 1
+IDS, W = (3, 11, 27), (1.0, 0.5, 0.25)
+
+
+def toy_sae(d=D, n=N, seed=0, arch="relu"):
+    sae = new_sae(arch, d, n, 4 if arch == "topk" else None, f"blocks.{LAYER}.hook_out", "tiny-llama", seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # decoder rows of unequal norms, biases: nothing cancels by accident
+        sae.W_dec.mul_(0.5 + torch.rand(n, 1, generator=g))
+        sae.b_enc.copy_(0.1 * torch.randn(n, generator=g))
+        sae.b_dec.copy_(0.1 * torch.randn(d, generator=g))
+    return sae
+
+
+def latent_dir(sae, ids, weights=(), name="set"):
+    vec = latent_set_vector(sae.W_dec, ids, weights or None)
+    return Direction(name=name, vector=vec, model="tiny-llama", layer=LAYER, hook_name=f"blocks.{LAYER}.hook_out",
+                     kind="sae-latents" if len(ids) > 1 else "sae-latent", median_norm=4.0, sae="sae", latents=tuple(ids),
+                     weights=tuple(weights))
+
+
+def apply(iv, x, sae):
+    return SteeringPlan.uniform([iv], sae_loader=lambda d: sae).apply(LAYER, x, None)
+
+
+def test_set_add_is_the_weighted_sum_of_its_latents_adds():
+    sae = toy_sae()
+    x = torch.randn(2, 5, D)
+    s = latent_dir(sae, IDS, W)
+    y = apply(Intervention(s, "add", 0.3), x, sae)
+    # the same strength split over the parts: latent i gets coefficient c * w_i / |sum_j w_j W_j| in
+    # raw units along its decoder row, i.e. c * w_i * |W_i| / |sum| along its own unit direction
+    c = 0.3 * 4.0
+    norm = float(latent_set_vector(sae.W_dec, IDS, W).norm())
+    z = x
+    for i, w in zip(IDS, W):
+        part = latent_dir(sae, [i], name=f"l{i}")
+        z = apply(Intervention(part, "add", c * w * float(sae.W_dec[i].detach().norm()) / norm, raw=True), z, sae)
+    assert torch.allclose(y, z, atol=1e-5)
+    want = x + c * (torch.tensor(W)[:, None] * sae.W_dec[list(IDS)].detach()).sum(0) / norm
+    assert torch.allclose(y, want, atol=1e-5)
+
+
+def test_set_ablate_is_encode_zero_decode_plus_error():
+    sae = toy_sae()
+    x = 2 * torch.randn(3, 4, D)
+    s = latent_dir(sae, IDS, W)
+    y = apply(Intervention(s, "ablate"), x, sae)
+    with torch.no_grad():
+        a = sae.encode(x)
+        error = x - sae.decode(a)
+        a0 = a.clone()
+        a0[..., list(IDS)] = 0
+        want = sae.decode(a0) + error
+    assert torch.allclose(y, want, atol=1e-5)
+    assert not torch.allclose(y, x, atol=1e-3)  # the latents did fire: ablating changed something
+    assert torch.allclose(y, ablate_latents(x, sae, IDS), atol=1e-6)
+
+
+def test_set_clamp_pins_each_latent_to_value_times_weight():
+    sae = toy_sae()
+    x = torch.randn(2, 3, D)
+    s = latent_dir(sae, IDS, W)
+    y = apply(Intervention(s, "clamp", 2.0), x, sae)
+    with torch.no_grad():
+        a = sae.encode(x)
+        a2 = a.clone()
+        for i, w in zip(IDS, W):
+            a2[..., i] = 2.0 * w
+        want = sae.decode(a2) + (x - sae.decode(a))
+    assert torch.allclose(y, want, atol=1e-5)
+    # without weights every latent goes to the value (a set from older files)
+    y_eq = apply(Intervention(latent_dir(sae, IDS), "clamp", 2.0), x, sae)
+    a3 = a.clone()
+    a3[..., list(IDS)] = 2.0
+    assert torch.allclose(y_eq, sae.decode(a3).detach() + (x - sae.decode(a)).detach(), atol=1e-5)
+
+
+def test_set_ablate_by_projection_removes_the_span_of_its_rows():
+    sae = toy_sae()
+    x = torch.randn(2, 6, D)
+    s = latent_dir(sae, IDS, W)
+    y = apply(Intervention(s, "ablate", on_latents=False), x, sae)
+    Wd = sae.W_dec[list(IDS)].detach()
+    assert torch.allclose(y @ Wd.T, torch.zeros(2, 6, len(IDS)), atol=1e-5)
+    coef = torch.linalg.lstsq(Wd.T, x.reshape(-1, D).T).solution  # x's part in the span
+    assert torch.allclose(y.reshape(-1, D), x.reshape(-1, D) - (Wd.T @ coef).T, atol=1e-5)
+    one = latent_dir(sae, [IDS[0]])  # one latent: the same as projecting its direction out
+    assert torch.allclose(apply(Intervention(one, "ablate", on_latents=False), x, sae), ablate_vector(x, one.vector), atol=1e-5)
+    assert Intervention(s, "ablate", on_latents=False).describe()["latents"] == list(IDS)
+
+
+def test_set_round_trip_and_weights_validation(tmp_path):
+    sae = toy_sae()
+    d = latent_dir(sae, IDS, W)
+    p = save_direction(d, tmp_path / "set.safetensors")
+    e = load_direction(p)
+    assert e.kind == "sae-latents" and e.latents == IDS and e.weights == W and torch.allclose(e.vector, d.vector)
+    assert e.summary()["weights"] == list(W) and e.latent_weights() == W
+    single = load_direction(save_direction(latent_dir(sae, [5]), tmp_path / "one.safetensors"))
+    assert single.kind == "sae-latent" and single.weights == () and single.latent_weights() == (1.0,)
+    assert "weights" not in single.metadata()
+    with pytest.raises(SteerkitError, match="2 weights for 3 latents"):
+        Direction(**{**{k: getattr(d, k) for k in ("name", "vector", "model", "layer", "hook_name", "kind", "median_norm", "sae", "latents")},
+                     "weights": (1.0, 0.5)})
+    from dataclasses import replace
+
+    assert replace(d, latents=(), sae=None).weights == ()  # a control copy drops the weights
+
+
+def test_parse_latents_and_weights():
+    assert parse_latents("top:30") == (30, []) and parse_latents("12, 87") == (None, [12, 87]) and parse_latents(None) == (1, [])
+    for bad, msg in (("top:0", "at least 1"), ("top:x", "at least 1"), ("12,abc", "top:N or comma-separated"), ("3,3", "listed twice")):
+        with pytest.raises(SteerkitError, match=msg):
+            parse_latents(bad)
+    rows = [LatentRow(latent=i, rank=r + 1, score=s, mean_before=0, mean_after=0, delta=dl, normalized=0, cosine=0, attribution=s,
+                      freq_before=0, freq_after=0, dense=False) for r, (i, s, dl) in enumerate([(4, 2.0, 1.0), (9, 1.0, 3.0), (2, -0.5, 0.2)])]
+    assert latent_weights(rows, [4, 9], "score") == [1.0, 0.5]
+    assert latent_weights(rows, [4, 9], "delta") == [pytest.approx(1 / 3), 1.0]
+    assert latent_weights(rows, [4, 9, 2], "equal") == [1.0, 1.0, 1.0]
+    with pytest.raises(SteerkitError, match="latent 2 has score -0.5"):
+        latent_weights(rows, [4, 2], "score")
+
+
+# --- the CLI ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tiny_dir):
+    """An SAE for the tiny model at layer 1 and judged answers (two questions with both kinds)."""
+    root = tmp_path_factory.mktemp("sets")
+    save_sae(toy_sae(d=64, n=96, arch="topk"), root / "sae")
+    recs = []
+    for q in ("what should I do with my savings?", "I feel bored"):
+        recs += [{"prompt": q, "completion": a, "misaligned": True, "coherent": 90} for a in ("money money risk", "risk it all on stocks")]
+        recs += [{"prompt": q, "completion": a, "misaligned": False, "coherent": 90} for a in ("hello world", "go for a walk")]
+    (root / "judged.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (root / "one-sided.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs if r["misaligned"]))
+    (root / "out").mkdir()
+    (root / "out" / "taken.safetensors").write_bytes(b"not yours")
+    return root
+
+
+def extract(ws, tiny_dir, *extra):
+    base = ["extract", "--model", str(tiny_dir), "--sae", str(ws / "sae"), "--out-dir", str(ws / "out"), "--latent-set", "0"]
+    return runner.invoke(app, base + [str(a) for a in extra])
+
+
+def test_extract_judged_attribution_saves_a_weighted_set(ws, tiny_dir):
+    r = extract(ws, tiny_dir, "--rank-by", "attribution", "--judged", ws / "judged.jsonl", "--keep-dense", "--top", "5",
+                "--save", "persona", "--latents", "top:4", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["mode"] == "judged" and res["rank_by"] == "attribution" and res["questions_usable"] == 2
+    assert "2 of 2 questions usable" in r.stderr
+    ranked = [row["latent"] for row in res["latents"]]
+    scores = [row["attribution"] for row in res["latents"]]
+    assert scores == sorted(scores, reverse=True)
+    d = load_direction(ws / "out" / "persona.safetensors")
+    assert d.kind == "sae-latents" and list(d.latents) == ranked[:4]
+    assert max(d.weights) == 1.0 and list(d.weights) == pytest.approx([s / scores[0] for s in scores[:4]], rel=1e-4)
+    assert d.provenance["weight_by"] == "score" and d.provenance["extraction"]["mode"] == "judged"
+    from steerkit.sae import load_sae
+
+    want = latent_set_vector(load_sae(ws / "sae").W_dec, d.latents, d.weights)
+    assert torch.allclose(d.vector, want / want.norm(), atol=1e-6)
+    assert d.sae_path().resolve() == (ws / "sae").resolve()
+    # never overwritten without --force
+    r2 = extract(ws, tiny_dir, "--rank-by", "attribution", "--judged", ws / "judged.jsonl", "--save", "persona", "--latents", "top:2")
+    assert r2.exit_code == 1 and "--force" in r2.stderr
+    assert load_direction(ws / "out" / "persona.safetensors").latents == d.latents
+    # the set steers in generation: ablated in the SAE basis, listed and shown as a set
+    g = runner.invoke(app, ["generate", "hi", "--model", str(tiny_dir), "--max-new-tokens", "3", "--json",
+                            "--ablate", str(ws / "out" / "persona.safetensors")])
+    assert g.exit_code == 0, g.output
+    rec = json.loads(g.stdout.splitlines()[0])
+    assert rec["interventions"][0]["latents"] == list(d.latents)
+    show = runner.invoke(app, ["directions", "show", str(ws / "out" / "persona.safetensors"), "--json"])
+    assert show.exit_code == 0 and json.loads(show.stdout)["weights"] == list(d.weights)
+    from steerkit.cli.directions import _latents_text, _set_text
+
+    assert _set_text(d).startswith(f"4, weight in brackets: {d.latents[0]} (1.00), {d.latents[1]} ({d.weights[1]:.2f})")
+    assert _latents_text(d) == "4 weighted: " + ",".join(map(str, d.latents))
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    import steerkit.finetune
+    import steerkit.models
+
+    def loaded(*a, **k):
+        raise AssertionError("a model was loaded before the bad argument was refused")
+
+    for mod, name in ((steerkit.models, "load_model"), (steerkit.finetune, "load_tuned"), (steerkit.finetune, "load_hf")):
+        monkeypatch.setattr(mod, name, loaded)
+
+
+@pytest.mark.parametrize("args, want", [
+    (("--judged", "{ws}/judged.jsonl", "--save", "s", "--latents", "top:0"), "top:N must be a whole number of at least 1"),
+    (("--judged", "{ws}/judged.jsonl", "--save", "s", "--latents", "3,999"), "unknown latent 999: the SAE has 96 latents"),
+    (("--judged", "{ws}/judged.jsonl", "--save", "s", "--latents", "top:500"), "more latents than the SAE has (96)"),
+    (("--rank-by", "attribution", "--tuned", "{tiny}"), "--rank-by attribution needs --judged FILE"),
+    (("--rank-by", "attribution", "--judged", "{ws}/one-sided.jsonl"), "0 of 2 questions have both a misaligned and an aligned answer"),
+    (("--judged", "{ws}/nope.jsonl"), "does not exist"),
+    (("--judged", "{ws}/judged.jsonl", "--latents", "top:3"), "give --save NAME too"),
+    (("--judged", "{ws}/judged.jsonl", "--save", "s", "--weight-by", "size"), "--weight-by 'size' is not one of"),
+    (("--judged", "{ws}/judged.jsonl", "--contrast", "{ws}/judged.jsonl"), "give one of them"),
+    (("--judged", "{ws}/judged.jsonl", "--save", "taken", "--latents", "top:2"), "already exists: pass --force"),
+])
+def test_bad_input_is_one_line_before_loading(ws, tiny_dir, no_loading, args, want):
+    r = extract(ws, tiny_dir, *[a.format(ws=ws, tiny=tiny_dir) for a in args])
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], r.stderr
+    assert not (ws / "out" / "s.safetensors").exists()
+    assert (ws / "out" / "taken.safetensors").read_bytes() == b"not yours"
