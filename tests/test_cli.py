@@ -134,3 +134,30 @@ def test_models_lists_default():
     r = run("models", "--json")
     assert r.exit_code == 0, r.output
     assert any(x["name"] == "smollm2-135m" for x in records(r))
+
+
+def test_help_prose_is_rewrapped_but_examples_keep_their_lines():
+    from steerkit.cli import _unwrap, app
+
+    doc = """First line.
+
+    A paragraph written
+    over three
+    lines.
+
+    * a list item
+    * another
+
+    Examples:
+
+      steerkit generate "hi"
+
+      steerkit generate "ho" --add persona:0.3
+    """
+    got = _unwrap(doc).split("\n\n")
+    assert got[1] == "A paragraph written over three lines."
+    assert got[2] == "* a list item\n* another"
+    assert got[4:] == ['  steerkit generate "hi"', '  steerkit generate "ho" --add persona:0.3']
+    # every command with a docstring gets the rewrapped help
+    cmds = [c for c in app.registered_commands if c.callback is not None and c.callback.__doc__]
+    assert cmds and all(c.help == _unwrap(c.callback.__doc__) for c in cmds)

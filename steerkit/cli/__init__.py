@@ -115,7 +115,7 @@ def _root(
 def _load() -> None:
     import importlib
 
-    for mod in ("models", "generate", "directions", "interop", "sae", "extract", "screen", "finetune", "judge", "sweep", "serve", "demo", "monitor", "track"):
+    for mod in ("models", "generate", "directions", "interop", "sae", "extract", "screen", "finetune", "judge", "sweep", "serve", "demo", "monitor", "track", "compare"):
         try:
             importlib.import_module(f"steerkit.cli.{mod}")
         except ModuleNotFoundError as e:
@@ -123,7 +123,34 @@ def _load() -> None:
                 raise
 
 
+def _unwrap(doc: str) -> str:
+    """A docstring as --help shows it: the lines of each prose paragraph joined, so the terminal
+    wraps them (typer's rich mode keeps single newlines); indented paragraphs (examples) and
+    lists keep theirs."""
+    import inspect
+    import re
+
+    out = []
+    for para in inspect.cleandoc(doc).split("\n\n"):
+        lines = para.split("\n")
+        if any(ln.startswith(" ") or re.match(r"([-*]|\d+\.) ", ln) for ln in lines) or para.startswith("\b"):
+            out.append(para)
+        else:
+            out.append(" ".join(ln.strip() for ln in lines))
+    return "\n\n".join(out)
+
+
+def _unwrap_help(t: typer.Typer) -> None:
+    for c in t.registered_commands:
+        if c.help is None and c.callback is not None and c.callback.__doc__:
+            c.help = _unwrap(c.callback.__doc__)
+    for g in t.registered_groups:
+        if g.typer_instance is not None:
+            _unwrap_help(g.typer_instance)
+
+
 _load()
+_unwrap_help(app)
 
 
 def main() -> None:
