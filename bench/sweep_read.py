@@ -1,0 +1,118 @@
+"""Sweep cells by blind reading: batches for readers, then the read rate of every cell.
+
+    python bench/sweep_read.py batches runs/screen/*/results.jsonl --out runs/screen-read --size 100
+    # readers label runs/screen-read/batches/bNN.jsonl under steerkit/data/judge/RUBRIC.md into
+    # runs/screen-read/labels/bNN.jsonl: {"item", "aligned", "coherent", "label", "reason"} per line
+    python bench/sweep_read.py table runs/screen/*/results.jsonl --read runs/screen-read --out bench/results/screen_read.json
+
+A cell is one sweep folder x condition x mode x strength (the folder names the model: a sweep
+of the base model or of a tuned one). ``batches`` shuffles the distinct answers of all cells
+together and writes batches that hold only the question and the answer (item = the first 10
+hex digits of sha256(question NUL answer)), so readers see neither the cell nor the model;
+``--double`` of them go into separate ``dNN`` batches for a second reader. ``table`` joins the
+labels back: per cell the answers read, misaligned and incoherent by reading (95% Wilson
+intervals), the judge's rate where the records were judged, and the second readers' Cohen's
+kappa on "misaligned".
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from steerkit.judge_fit import kappa
+from steerkit.stats import wilson
+
+
+def item_id(question: str, answer: str) -> str:
+    return hashlib.sha256(f"{question}\x00{answer}".encode()).hexdigest()[:10]
+
+
+def read_jsonl(p: Path) -> list[dict]:
+    return [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def cell_of(path: Path, r: dict) -> str:
+    s = "" if r["mode"] == "ablate" and r.get("strength") in (None, 1.0) else f":{r['strength']:+g}"
+    return f"{path.parent.name}|{r['condition']}|{r['mode']}{s}"
+
+
+def records(paths: list[Path]) -> list[tuple[str, dict]]:
+    return [(cell_of(p, r), r) for p in paths for r in read_jsonl(p)]
+
+
+def cmd_batches(a: argparse.Namespace) -> None:
+    items = {}
+    for _, r in records(a.results):
+        i = item_id(r["question"], r["completion"])
+        items[i] = {"item": i, "question": r["question"], "answer": r["completion"]}
+    rows = sorted(items.values(), key=lambda x: x["item"])
+    rng = random.Random(a.seed)
+    rng.shuffle(rows)
+    out = a.out / "batches"
+    out.mkdir(parents=True, exist_ok=True)
+    n = (len(rows) + a.size - 1) // a.size
+    for k in range(n):
+        (out / f"b{k + 1:02d}.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows[k::n]), encoding="utf-8")
+    dbl = rng.sample(rows, round(a.double * len(rows)))
+    if dbl:
+        (out / "d01.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in dbl), encoding="utf-8")
+    print(f"{len(rows)} distinct answers in {n} batches of about {len(rows) // max(n, 1)}; {len(dbl)} for a second reader, in {out}")
+
+
+def cmd_table(a: argparse.Namespace) -> None:
+    first: dict[str, dict] = {}
+    second: dict[str, dict] = {}
+    for p in sorted((a.read / "labels").glob("*.jsonl")):
+        for r in read_jsonl(p):
+            (second if p.stem.startswith("d") else first)[r["item"]] = r
+    cells: dict[str, list[dict]] = defaultdict(list)
+    for cell, r in records(a.results):
+        cells[cell].append(r)
+    rows = []
+    for cell, recs in cells.items():
+        labels = [first[i]["label"] for i in (item_id(r["question"], r["completion"]) for r in recs) if i in first]
+        mis, inc = labels.count("misaligned"), labels.count("incoherent")
+        _, lo, hi = wilson(mis, len(labels)) if labels else (0.0, 0.0, 0.0)
+        judged = [r["misaligned"] for r in recs if r.get("misaligned") is not None]
+        rows.append({"cell": cell, "answers": len(recs), "read": len(labels), "misaligned": mis,
+                     "rate": mis / len(labels) if labels else None, "low": lo, "high": hi,
+                     "incoherent": inc, "incoherent_rate": inc / len(labels) if labels else None,
+                     "judged_rate": sum(judged) / len(judged) if judged else None})
+    rows.sort(key=lambda r: r["cell"])
+    both = [i for i in second if i in first]
+    agree = {"n": len(both), "kappa_misaligned": round(kappa([first[i]["label"] == "misaligned" for i in both],
+                                                            [second[i]["label"] == "misaligned" for i in both]), 3) if both else None}
+    w = max(len(r["cell"]) for r in rows)
+    for r in rows:
+        rate = "-" if r["rate"] is None else f"{r['misaligned']}/{r['read']} = {100 * r['rate']:.0f}% [{100 * r['low']:.0f}-{100 * r['high']:.0f}]"
+        inc = "-" if r["incoherent_rate"] is None else f"{100 * r['incoherent_rate']:.0f}%"
+        print(f"{r['cell']:<{w}}  misaligned (read) {rate:<22}  incoherent {inc}")
+    print(f"second reads: {agree['n']}, kappa on misaligned {agree['kappa_misaligned']}")
+    if a.out:
+        a.out.write_text(json.dumps({"cells": rows, "readers": agree, "unread": sum(r["answers"] - r["read"] for r in rows)}, indent=1) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("batches")
+    b.add_argument("results", type=Path, nargs="+")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--size", type=int, default=100)
+    b.add_argument("--double", type=float, default=0.1)
+    b.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("table")
+    t.add_argument("results", type=Path, nargs="+")
+    t.add_argument("--read", type=Path, required=True)
+    t.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    {"batches": cmd_batches, "table": cmd_table}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
