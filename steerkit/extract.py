@@ -406,8 +406,12 @@ def check_latent_ids(ids: Sequence[int], d_sae: int, top: int | None = None) -> 
 
 def latent_weights(rows: Sequence[LatentRow], ids: Sequence[int], weight_by: str = "score") -> list[float]:
     """One weight per latent from the ranking's rows (``score``: the --rank-by number;
-    ``attribution``; ``delta``; ``equal``), scaled so the largest is 1. Every weight must be
-    positive: a latent the ranking scores at or below zero does not belong in a weighted set."""
+    ``attribution``; ``delta``; ``equal``), scaled so the largest magnitude is 1.
+
+    A weight carries the sign of the latent's ``delta``: adding the set moves each latent the way
+    the fine-tune (or the misaligned answers) moved it, down for a latent that fell. ``score`` and
+    ``attribution`` must be positive (a latent the ranking scores at or below zero works against
+    the difference and does not belong in the set); ``delta`` is used as it is; ``equal`` is 1."""
     if weight_by not in WEIGHT_BY:
         raise SteerkitError(f"--weight-by {weight_by!r} is not one of {', '.join(WEIGHT_BY)}")
     if weight_by == "equal":
@@ -415,12 +419,13 @@ def latent_weights(rows: Sequence[LatentRow], ids: Sequence[int], weight_by: str
     by_id = {r.latent: r for r in rows}
     vals = []
     for i in ids:
-        v = float(getattr(by_id[i], weight_by))
-        if not (math.isfinite(v) and v > 0):
-            raise SteerkitError(f"latent {i} has {weight_by} {v:+.4g} (rank {by_id[i].rank}): weighting by {weight_by} needs positive "
-                                f"values; leave it out, take fewer with top:N, or use --weight-by equal")
-        vals.append(v)
-    top = max(vals)
+        v, d = float(getattr(by_id[i], weight_by)), float(by_id[i].delta)
+        if not (math.isfinite(v) and math.isfinite(d) and d != 0 and (weight_by == "delta" or v > 0)):
+            what = f"{weight_by} {v:+.4g}" + ("" if weight_by == "delta" else f" and delta {d:+.4g}")
+            raise SteerkitError(f"latent {i} has {what} (rank {by_id[i].rank}): weighting by {weight_by} needs a positive score "
+                                f"and a non-zero delta; leave it out, take fewer with top:N, or use --weight-by equal")
+        vals.append(v if weight_by == "delta" else math.copysign(v, d))
+    top = max(abs(v) for v in vals)
     return [v / top for v in vals]
 
 

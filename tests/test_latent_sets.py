@@ -131,12 +131,17 @@ def test_parse_latents_and_weights():
         with pytest.raises(SteerkitError, match=msg):
             parse_latents(bad)
     rows = [LatentRow(latent=i, rank=r + 1, score=s, mean_before=0, mean_after=0, delta=dl, normalized=0, cosine=0, attribution=s,
-                      freq_before=0, freq_after=0, dense=False) for r, (i, s, dl) in enumerate([(4, 2.0, 1.0), (9, 1.0, 3.0), (2, -0.5, 0.2)])]
+                      freq_before=0, freq_after=0, dense=False)
+            for r, (i, s, dl) in enumerate([(4, 2.0, 1.0), (9, 1.0, 3.0), (2, -0.5, 0.2), (7, 1.5, -2.0), (5, 1.0, 0.0)])]
     assert latent_weights(rows, [4, 9], "score") == [1.0, 0.5]
-    assert latent_weights(rows, [4, 9], "delta") == [pytest.approx(1 / 3), 1.0]
+    # a latent the fine-tune lowered is lowered by adding the set: its weight takes delta's sign
+    assert latent_weights(rows, [4, 9, 7], "score") == [1.0, 0.5, -0.75]
+    assert latent_weights(rows, [4, 9, 7], "delta") == [pytest.approx(1 / 3), 1.0, pytest.approx(-2 / 3)]
     assert latent_weights(rows, [4, 9, 2], "equal") == [1.0, 1.0, 1.0]
     with pytest.raises(SteerkitError, match="latent 2 has score -0.5"):
         latent_weights(rows, [4, 2], "score")
+    with pytest.raises(SteerkitError, match="latent 5 has score \\+1 and delta \\+0"):
+        latent_weights(rows, [4, 5], "score")
 
 
 # --- the CLI ----------------------------------------------------------------------------------
@@ -175,7 +180,8 @@ def test_extract_judged_attribution_saves_a_weighted_set(ws, tiny_dir):
     assert scores == sorted(scores, reverse=True)
     d = load_direction(ws / "out" / "persona.safetensors")
     assert d.kind == "sae-latents" and list(d.latents) == ranked[:4]
-    assert max(d.weights) == 1.0 and list(d.weights) == pytest.approx([s / scores[0] for s in scores[:4]], rel=1e-4)
+    signs = [1.0 if row["delta"] > 0 else -1.0 for row in res["latents"]]
+    assert d.weights[0] == 1.0 and list(d.weights) == pytest.approx([g * s / scores[0] for g, s in zip(signs, scores[:4])], rel=1e-4)
     assert d.provenance["weight_by"] == "score" and d.provenance["extraction"]["mode"] == "judged"
     from steerkit.sae import load_sae
 
