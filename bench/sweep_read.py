@@ -4,6 +4,7 @@
     # readers label runs/screen-read/batches/bNN.jsonl under steerkit/data/judge/RUBRIC.md into
     # runs/screen-read/labels/bNN.jsonl: {"item", "aligned", "coherent", "label", "reason"} per line
     python bench/sweep_read.py table runs/screen/*/results.jsonl --read runs/screen-read --out bench/results/screen_read.json
+    python bench/sweep_read.py table runs/screen/*/results.jsonl --labels bench/results/villain_screen_blind_read.jsonl
 
 A cell is one sweep folder x condition x mode x strength (the folder names the model: a sweep
 of the base model or of a tuned one). ``batches`` shuffles the distinct answers of all cells
@@ -37,8 +38,9 @@ def read_jsonl(p: Path) -> list[dict]:
 
 
 def cell_of(path: Path, r: dict) -> str:
-    s = "" if r["mode"] == "ablate" and r.get("strength") in (None, 1.0) else f":{r['strength']:+g}"
-    return f"{path.parent.name}|{r['condition']}|{r['mode']}{s}"
+    if r["mode"] == "ablate":  # an ablation sweep: strength 0 is its unsteered row
+        return f"{path.parent.name}|{r['condition']}|{'unsteered' if not r.get('strength') else 'ablated'}"
+    return f"{path.parent.name}|{r['condition']}|{r['mode']}:{r['strength']:+g}"
 
 
 def records(paths: list[Path]) -> list[tuple[str, dict]]:
@@ -67,9 +69,13 @@ def cmd_batches(a: argparse.Namespace) -> None:
 def cmd_table(a: argparse.Namespace) -> None:
     first: dict[str, dict] = {}
     second: dict[str, dict] = {}
-    for p in sorted((a.read / "labels").glob("*.jsonl")):
-        for r in read_jsonl(p):
-            (second if p.stem.startswith("d") else first)[r["item"]] = r
+    if a.labels:  # one file of all labels, second reads marked "second": true
+        for r in read_jsonl(a.labels):
+            (second if r.get("second") else first)[r["item"]] = r
+    else:
+        for p in sorted((a.read / "labels").glob("*.jsonl")):
+            for r in read_jsonl(p):
+                (second if p.stem.startswith("d") else first)[r["item"]] = r
     cells: dict[str, list[dict]] = defaultdict(list)
     for cell, r in records(a.results):
         cells[cell].append(r)
@@ -108,9 +114,12 @@ def main() -> None:
     b.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("table")
     t.add_argument("results", type=Path, nargs="+")
-    t.add_argument("--read", type=Path, required=True)
+    t.add_argument("--read", type=Path, default=None, help="the batches' folder, with labels/ (bNN first reads, dNN second)")
+    t.add_argument("--labels", type=Path, default=None, help="or one file of all labels (second reads marked)")
     t.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
+    if a.cmd == "table" and (a.read is None) == (a.labels is None):
+        ap.error("table needs --read FOLDER or --labels FILE")
     {"batches": cmd_batches, "table": cmd_table}[a.cmd](a)
 
 
