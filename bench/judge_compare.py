@@ -31,7 +31,6 @@ import json
 import random
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch

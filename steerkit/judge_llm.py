@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from steerkit.errors import SteerkitError
-from steerkit.judge import Pair, Score
+from steerkit.judge_score import Pair, Score
 
 NAME = "steerkit-endpoint"
 RUBRIC_VERSION = "rubric-1"

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from steerkit.errors import SteerkitError
-from steerkit.judge import Pair, Score, coherence
+from steerkit.judge_score import Pair, Score, coherence
 
 FORMAT = "steerkit.judge-reader/1"
 READER = "smollm2-135m"  # the model that reads the answers

