@@ -188,7 +188,7 @@ def judged_sides(
     """(aligned side, misaligned side, g, gap): per-latent statistics of each kind of answer
     (question-balanced, answer tokens only), ``g = sum over answer tokens of dG/dx_t`` at the
     residual after block ``layer`` ([d_model]), and the gap ``G`` itself (see the module doc)."""
-    from steerkit.extract import Side
+    from steerkit.extract import Side, logprob_grad
 
     if not groups:
         raise SteerkitError("no usable questions: attribution needs misaligned and aligned answers to the same questions")
@@ -202,41 +202,20 @@ def judged_sides(
                 torch.zeros(d_sae, dtype=torch.float64), torch.zeros(model.d_model, dtype=torch.float64)) for _ in range(2)]
     g_total = torch.zeros(model.d_model, dtype=torch.float64)
     gap = 0.0
-    hp = model.bridge.hook_dict[model.hook_name(layer)]
-    dev = model.device
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
         ids, am = pad_left([c[2] for c in chunk], model.pad_token_id())
         T = ids.shape[1]
-        box: list[torch.Tensor] = []
-
-        def grab(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
-            x = x.detach().requires_grad_(True)
-            box.append(x)
-            return x
-
-        h = hp.add_hook(grab, dir="fwd")
-        try:
-            with torch.enable_grad():
-                logits = model.hf_model(input_ids=ids.to(dev), attention_mask=am.to(dev),
-                                        position_ids=(am.cumsum(-1) - 1).clamp(min=0).to(dev), use_cache=False).logits
-                logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None].to(dev))[..., 0]  # (B, T-1)
-                w = torch.zeros_like(logp)
-                pos = torch.zeros(len(chunk), T, dtype=torch.bool)  # answer tokens
-                for b, (_, _, seq, start, weight) in enumerate(chunk):
-                    first = T - len(seq) + start  # position of the first answer token
-                    w[b, first - 1 :] = weight  # the predictions of the answer tokens
-                    pos[b, first:] = True
-                S = (logp * w).sum()
-                (grad,) = torch.autograd.grad(S, box[0])
-        finally:
-            h.hook.remove()
-            if h in hp.fwd_hooks:
-                hp.fwd_hooks.remove(h)
-        gap += float(S.detach())
+        w = torch.zeros(len(chunk), T - 1)
+        pos = torch.zeros(len(chunk), T, dtype=torch.bool)  # answer tokens
+        for b, (_, _, seq, start, weight) in enumerate(chunk):
+            first = T - len(seq) + start  # position of the first answer token
+            w[b, first - 1 :] = weight  # the predictions of the answer tokens
+            pos[b, first:] = True
+        grad, x, S = logprob_grad(model, layer, ids, am, w)
+        gap += S
         pos = pos.to(grad.device)
         g_total += grad[pos].double().sum(0).cpu()
-        x = box[0].detach()
         for b, (side, q, seq, start, _) in enumerate(chunk):
             xs = x[b][pos[b]]  # (n, D)
             a = sae.encode(xs.to(sae.W_dec.dtype)).double().cpu()

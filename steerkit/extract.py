@@ -297,6 +297,34 @@ def best_latent_set(dmean: torch.Tensor, sae: Any, k: int = 8, candidates: Seque
     return chosen, weights, cos
 
 
+def logprob_grad(model: Any, layer: int, ids: torch.Tensor, am: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One forward pass of left-padded ``ids``: ``S = sum(weights * log p(token t+1 | ..t))``
+    (``weights [B, T-1]``, one per predicted token) and its gradient with respect to the
+    residual after block ``layer``. Returns ``(grad [B, T, D], residual [B, T, D], S)``."""
+    hp = model.bridge.hook_dict[model.hook_name(layer)]
+    dev = model.device
+    box: list[torch.Tensor] = []
+
+    def grab(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        box.append(x)
+        return x
+
+    h = hp.add_hook(grab, dir="fwd")
+    try:
+        with torch.enable_grad():
+            logits = model.hf_model(input_ids=ids.to(dev), attention_mask=am.to(dev),
+                                    position_ids=(am.cumsum(-1) - 1).clamp(min=0).to(dev), use_cache=False).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None].to(dev))[..., 0]  # (B, T-1)
+            S = (logp * weights.to(logp.device)).sum()
+            (grad,) = torch.autograd.grad(S, box[0])
+    finally:
+        h.hook.remove()
+        if h in hp.fwd_hooks:
+            hp.fwd_hooks.remove(h)
+    return grad, box[0].detach(), float(S.detach())
+
+
 def misalignment_gradient(
     model: Any,
     layer: int,
@@ -309,7 +337,6 @@ def misalignment_gradient(
     p(aligned answer) with respect to the residual after block ``layer``: [d_model]."""
     if not (len(chats) == len(misaligned) == len(aligned)):
         raise SteerkitError("misalignment_gradient needs one misaligned and one aligned answer per prompt")
-    hp = model.bridge.hook_dict[model.hook_name(layer)]
     total = torch.zeros(model.d_model, dtype=torch.float64)
     n_tok = 0
     for sign, answers in ((1.0, misaligned), (-1.0, aligned)):
@@ -321,34 +348,15 @@ def misalignment_gradient(
             starts.append(len(p))
         for i in range(0, len(seqs), batch_size):
             ids, am = pad_left(seqs[i : i + batch_size], model.pad_token_id())
-            box: list[torch.Tensor] = []
-
-            def grab(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
-                x = x.detach().requires_grad_(True)
-                box.append(x)
-                return x
-
-            h = hp.add_hook(grab, dir="fwd")
-            try:
-                with torch.enable_grad():
-                    dev = model.device
-                    logits = model.hf_model(input_ids=ids.to(dev), attention_mask=am.to(dev),
-                                            position_ids=(am.cumsum(-1) - 1).clamp(min=0).to(dev), use_cache=False).logits
-                    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None].to(dev))[..., 0]  # (B, T-1)
-                    T = ids.shape[1]
-                    w = torch.zeros_like(logp)
-                    for b, st in enumerate(starts[i : i + batch_size]):
-                        L = int(am[b].sum())
-                        first_answer = T - L + st  # position of the first answer token
-                        n_ans = T - first_answer
-                        if n_ans > 0:
-                            w[b, first_answer - 1 :] = 1.0 / n_ans  # predictions of answer tokens
-                    S = sign * (logp * w).sum() / len(chats)
-                    S.backward()
-            finally:
-                h.hook.remove()
-                hp.fwd_hooks.remove(h)
-            g = box[0].grad  # (B, T, D)
+            T = ids.shape[1]
+            w = torch.zeros(ids.shape[0], T - 1)
+            for b, st in enumerate(starts[i : i + batch_size]):
+                L = int(am[b].sum())
+                first_answer = T - L + st  # position of the first answer token
+                n_ans = T - first_answer
+                if n_ans > 0:
+                    w[b, first_answer - 1 :] = sign / (n_ans * len(chats))  # predictions of answer tokens
+            g, _, _ = logprob_grad(model, layer, ids, am, w)
             mask = stat_mask(am).to(g.device)
             total += g[mask].double().sum(0).cpu()
             n_tok += int(mask.sum())
