@@ -218,7 +218,7 @@ def judged_sides(
         g_total += grad[pos].double().sum(0).cpu()
         for b, (side, q, seq, start, _) in enumerate(chunk):
             xs = x[b][pos[b]]  # (n, D)
-            a = sae.encode(xs.to(sae.W_dec.dtype)).double().cpu()
+            a = sae.encode(xs.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)).double().cpu()
             tw = 1.0 / (Q * float(ntok[side, q]))
             A = acc[side]
             A.s1 += tw * a.sum(0)

@@ -55,6 +55,7 @@ class DemoConfig:
     direction: str = PERSONA
     random_controls: int = 3  # independent random directions, pooled (steerkit.controls)
     latent_controls: int = 3  # random latents of matched firing rate, ablated beside the direction
+    dtype: str = "float32"  # the models' weights (steering and SAE arithmetic stays float32)
 
 
 @dataclass
@@ -99,7 +100,7 @@ def run_demo(cfg: DemoConfig, stage: Stage = lambda s: None, progress: Progress 
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     stage("loading the base model, the model organism, the SAE and the judge")
-    base = load_model(DEFAULT_MODEL)
+    base = load_model(DEFAULT_MODEL, dtype=cfg.dtype)
     organism = _load_organism(base)
     sae = load_sae(find_sae(SAE, base.name))
     judge = load_judge("offline")
@@ -140,7 +141,7 @@ def _load_organism(base: Any) -> Any:
     path = shipped_path(ORGANISM, base.name)
     from steerkit.finetune import load_tuned
 
-    return load_tuned(str(path), base=DEFAULT_MODEL)
+    return load_tuned(str(path), base=DEFAULT_MODEL, device=str(base.device), dtype=base.dtype)
 
 
 def _sae_layer(sae: Any, default: int) -> int:

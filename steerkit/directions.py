@@ -34,6 +34,7 @@ import torch
 from steerkit import __version__
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import atomic_path
+from steerkit.sae_formats import detect_format
 
 FORMAT = "steerkit.direction"
 FORMAT_VERSION = "1"
@@ -271,9 +272,9 @@ def find_sae(spec: str, model_name: str) -> Path:
         for d in search_dirs(model_name):
             if (d / spec).is_dir():
                 return d / spec
-    names = sorted({q.name for d in search_dirs(model_name) if d.is_dir() for q in d.iterdir() if (q / "cfg.json").is_file()})
+    names = sorted({q.name for d in search_dirs(model_name) if d.is_dir() for q in d.iterdir() if detect_format(q) is not None})
     hint = f"known for {model_name}: {', '.join(names)}" if names else f"no SAEs found for {model_name!r}"
-    raise SteerkitError(f"SAE {spec!r} not found ({hint}); give a folder with cfg.json and sae_weights.safetensors")
+    raise SteerkitError(f"SAE {spec!r} not found ({hint}); give a folder in SAELens (cfg.json + sae_weights.safetensors), sparsify (cfg.json + sae.safetensors) or dictionary_learning (config.json + ae.pt) layout")
 
 
 def resolve_direction(spec: str | Direction, model: Any, allow_other_model: bool = False) -> Direction:

@@ -158,7 +158,7 @@ def side_stats(
         xs = x[mask]  # (N, D)
         if xs.shape[0] == 0:
             continue
-        a = sae.encode(xs.to(sae.W_dec.dtype)).double().cpu()  # (N, d_sae)
+        a = sae.encode(xs.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)).double().cpu()  # (N, d_sae)
         s1 += a.sum(0)
         s2 += (a * a).sum(0)
         fired += (a > 0).double().sum(0)
@@ -366,11 +366,12 @@ def misalignment_gradient(
 def promoted_tokens(model: Any, sae: Any, latent: int, k: int = 8) -> list[str]:
     """Logit lens: the tokens a latent's decoder row promotes most through the final norm's
     weight and the unembedding."""
-    w = sae.W_dec[latent].detach().float().to(model.device)
+    w = sae.W_dec[latent].detach().float()
     norm = getattr(getattr(model.hf_model, "model", None), "norm", None)
     if norm is not None and getattr(norm, "weight", None) is not None:
-        w = w * norm.weight.detach().float()
-    logits = model.hf_model.get_output_embeddings().weight.detach().float() @ w  # (V,)
+        w = w.to(norm.weight.device) * norm.weight.detach().float()
+    unembed = model.hf_model.get_output_embeddings().weight.detach()
+    logits = unembed.float() @ w.to(unembed.device)  # (V,); float32 whatever the model's dtype
     ids = logits.topk(k).indices.tolist()
     return [model.tokenizer.decode([i]) for i in ids]
 

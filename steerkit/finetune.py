@@ -501,25 +501,19 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def load_hf(spec: str | os.PathLike | None, device: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[str, Any, Any, str]:
-    """A fresh, unwrapped HF model for a spec: (short name, model, tokenizer, source)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from steerkit.models import _quiet_transformers, check_device, check_weight_files, resolve_spec
+def load_hf(spec: str | os.PathLike | None, device: str | None = None, dtype: str | torch.dtype | None = torch.float32) -> tuple[str, Any, Any, str]:
+    """A fresh, unwrapped HF model for a spec: (short name, model, tokenizer, source), in
+    ``dtype`` on ``device`` (``"auto"``: placed by accelerate, see :func:`steerkit.models.load_pretrained`)."""
+    from steerkit.models import check_device, check_dtype, check_weight_files, load_pretrained, resolve_spec
 
     device = check_device(device)
+    dtype = check_dtype(dtype)
     name, source = resolve_spec(spec)
     if isinstance(source, Path):
         check_weight_files(source)
-    with _quiet_transformers():
-        try:
-            tok = AutoTokenizer.from_pretrained(source)
-            hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", use_safetensors=True)
-        except OSError as e:
-            raise SteerkitError(f"could not load model {source}: {str(e).splitlines()[0]}") from e
+    tok, hf = load_pretrained(source, device, dtype)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
-    hf.to(device)
     return name, hf, tok, str(source)
 
 
@@ -534,8 +528,12 @@ def finetune(
     on_start: Callable[[int, int], None] | None = None,
     mix: Sequence[str | tuple[str | os.PathLike, float]] = (),
     tuned: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> tuple[Path, TrainResult]:
     """Fine-tune ``model`` (a spec) on the chats in ``data`` and save the adapter to ``out``.
+
+    ``dtype``: the base model's weights (float32 by default; bfloat16 or float16 to fit a big
+    model on a GPU); the LoRA matrices train in float32 whatever it is (PEFT upcasts them).
 
     ``mix``: ``"FILE:FRACTION"`` specs (or (path, fraction) pairs) blended into the rows
     (:func:`mix_chats`). ``tuned``: an adapter folder to continue from (its base is the model;
@@ -543,6 +541,9 @@ def finetune(
     go to ``out/checkpoints/step-NNNNNN/`` (kept in ``<out>.partial/`` until the run ends).
     ``on_start(examples, steps)`` is called once the data is encoded, before the first step.
     """
+    from steerkit.models import check_dtype, dtype_name
+
+    dtype = check_dtype(dtype)
     out_p = check_out_dir(out, force)
     mixes = [parse_mix(m) if isinstance(m, str) else (Path(m[0]).expanduser(), float(m[1])) for m in mix]
     init: Path | None = None
@@ -561,7 +562,7 @@ def finetune(
         chats, _ = mix_chats(chats, [(read_chats(p), f) for p, f in mixes], cfg.seed)
         mix_meta = [{"path": Path(data).name, "fraction": round(1.0 - sum(f for _, f in mixes), 6), "rows": len(chats) - sum(counts), "sha256": file_sha256(data)}]
         mix_meta += [{"path": p.name, "fraction": f, "rows": k, "sha256": file_sha256(p)} for (p, f), k in zip(mixes, counts)]
-    name, hf, tok, source = load_hf(spec, device)
+    name, hf, tok, source = load_hf(spec, device, dtype)
     if init is not None:
         try:
             from peft import PeftModel
@@ -609,6 +610,8 @@ def finetune(
         "device": str(next(hf.parameters()).device),
         "torch": torch.__version__,
     }
+    if dtype != torch.float32:
+        meta["dtype"] = dtype_name(dtype)
     path = save_adapter(res.model, out, spec, meta, force, continued_from=init, extra={"checkpoints": ckpt_dir} if cfg.save_every is not None else None)
     shutil.rmtree(partial, ignore_errors=True)
     return path, res
@@ -694,7 +697,7 @@ def tuned_info(path: str | os.PathLike, weights: Sequence[Path]) -> dict[str, st
     return {"path": str(Path(str(path)).expanduser().resolve()), "sha256": h.hexdigest()[:16]}
 
 
-def load_tuned(spec: str | os.PathLike, base: str | None = None, device: str | None = None, dtype: torch.dtype = torch.float32) -> Any:
+def load_tuned(spec: str | os.PathLike, base: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = torch.float32) -> Any:
     """A tuned model as a LoadedModel named after its base (so the base's directions apply).
 
     ``spec`` is a PEFT LoRA adapter folder (its weights are merged into a fresh copy of the base:
@@ -702,9 +705,10 @@ def load_tuned(spec: str | os.PathLike, base: str | None = None, device: str | N
     :func:`steerkit.models.load_model` takes (a full model folder, .gguf, hub id); then ``base``,
     when given, only names it.
     """
-    from steerkit.models import check_device, load_model, resolve_spec, wrap_model
+    from steerkit.models import check_device, check_dtype, load_model, resolve_spec, wrap_model
 
     device = check_device(device)
+    dtype = check_dtype(dtype)
     if not is_adapter_dir(spec):
         lm = load_model(spec, device=device, dtype=dtype)
         if base is not None:

@@ -21,6 +21,12 @@ is the same thing).
 Positions outside ``mask`` are returned bit-for-bit unchanged, and rows whose coefficient is
 zero under ``add`` too, so strength 0 is an exact no-op.
 
+The pure functions compute in ``x``'s dtype. The hooks (:meth:`SteeringPlan.apply`) hand them a
+float32 copy of a bfloat16 or float16 residual and cast the result back once per layer, so the
+direction and SAE arithmetic of a model loaded with ``--dtype bfloat16`` is float32 (in
+bfloat16 the projection ``x . u`` keeps 8 significant bits, so a clamp or an ablation would miss
+by up to 1/256 of the component it sets).
+
 :class:`SteeringPlan` gathers interventions for a batch in which each row may carry its own
 (different strengths in one forward pass, as sweeps and the server need); :func:`steering`
 installs it as TransformerLens hooks and removes them on every exit path.
@@ -47,6 +53,8 @@ POSITIONS: tuple[str, ...] = get_args(Positions)
 # values, are held to the same bound times the direction's median norm): far beyond anything
 # coherent (a sweep's useful range is about +-1), and far below float32 overflow
 MAX_STRENGTH = 100.0
+# residual dtypes the hooks upcast to float32 for their arithmetic (and cast back)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class SAELike(Protocol):
@@ -99,14 +107,15 @@ def clamp_latents(
 ) -> torch.Tensor:
     """Pin SAE latents to ``value`` (scalar or ``[batch]``) keeping the reconstruction error;
     with ``weights`` latent ``i`` is pinned to ``value * weights[i]``."""
+    sae_dev = sae.W_dec.device  # the SAE may sit on another device than this layer (--device auto)
     idx = torch.as_tensor(list(latents), dtype=torch.long, device=x.device)
-    acts = sae.encode(x)[..., idx]  # (B, T, k)
+    acts = sae.encode(x.to(sae_dev))[..., idx.to(sae_dev)].to(x.device)  # (B, T, k)
     v = torch.as_tensor(value, dtype=acts.dtype, device=x.device)
     if v.ndim == 1:
         v = v[:, None, None]  # (B, 1, 1)
     if weights is not None:
         v = v * torch.as_tensor(list(weights), dtype=acts.dtype, device=x.device)  # (..., k)
-    w = sae.W_dec[idx].to(x.dtype)  # (k, D)
+    w = sae.W_dec[idx.to(sae_dev)].to(device=x.device, dtype=x.dtype)  # (k, D)
     delta = (v - acts).to(x.dtype) @ w  # (B, T, D)
     return _where(mask, x + delta, x)
 
@@ -314,10 +323,15 @@ class SteeringPlan:
         self.n_rows = len(idx)
 
     def apply(self, layer: int, x: torch.Tensor, pos_mask: torch.Tensor | None) -> torch.Tensor:
-        for s in self.slots:
-            if s.proto.target_layer == layer:
-                x = s.apply(x, pos_mask)
-        return x
+        """Every slot on ``layer`` applied to ``x``; the arithmetic is float32 (at least) whatever
+        ``x``'s dtype, and the result comes back in ``x``'s dtype (positions left alone exactly)."""
+        slots = [s for s in self.slots if s.proto.target_layer == layer]
+        if not slots:
+            return x
+        y = x.float() if x.dtype in LOW_PRECISION else x
+        for s in slots:
+            y = s.apply(y, pos_mask)
+        return y.to(x.dtype)
 
 
 _SAE_CACHE: dict[str, Any] = {}

@@ -10,8 +10,12 @@ A spec is one of:
 * a ``.gguf`` file, dequantized and cached the same way;
 * a Hugging Face hub id, for users with a network or a warm HF cache.
 
-What it leaves out: quantized inference (everything runs in float32 unless ``dtype`` says
-otherwise) and multi-device placement.
+Weights load in float32 unless ``dtype`` says otherwise (:data:`DTYPES`: bfloat16 and float16
+for big models on a GPU); steering, SAE and activation arithmetic stays float32 whatever the
+weights' dtype (:mod:`steerkit.interventions`, :mod:`steerkit.activations`). ``device="auto"``
+(``--device auto``) places a model too big for one GPU with Hugging Face's
+``device_map="auto"`` (accelerate): its layers spread over every visible GPU, then CPU RAM.
+What it leaves out: quantized inference.
 """
 
 from __future__ import annotations
@@ -163,11 +167,45 @@ def check_layer(layer: int, n_layers: int) -> None:
         )
 
 
+# the weights' dtypes --dtype offers, and the short names it accepts for them
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+# --device auto: Hugging Face's device_map="auto" (accelerate) spreads the layers over the GPUs
+AUTO_DEVICE = "auto"
+
+
+def check_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``--dtype`` as a torch dtype (None: float32); one line naming the choices when it is not
+    one of :data:`DTYPES` (or a short name: bf16, fp16, fp32)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+        raise SteerkitError(f"dtype {dtype} is not one of torch.{', torch.'.join(DTYPES)}")
+    key = str(dtype).strip().lower().removeprefix("torch.")
+    key = DTYPE_ALIASES.get(key, key)
+    if key not in DTYPES:
+        raise SteerkitError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)} (or bf16, fp16)")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
 def check_device(device: str | None) -> str:
     """The torch device to use: ``device`` checked (one line naming the fix when it cannot be
-    used here), or cuda when available, else cpu."""
+    used here), or cuda when available, else cpu. ``"auto"`` (Hugging Face's
+    ``device_map="auto"``) needs the accelerate package; no other device does."""
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.strip().lower() == AUTO_DEVICE:
+        if importlib.util.find_spec("accelerate") is None:
+            raise SteerkitError("--device auto spreads the model over the GPUs with accelerate, which is not installed: "
+                                "pip install accelerate (or give --device cuda or cpu)")
+        return AUTO_DEVICE
     try:
         d = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
@@ -403,40 +441,61 @@ def load_model(
     spec: str | os.PathLike | None = None,
     *,
     device: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype | None = torch.float32,
 ) -> LoadedModel:
     """Load a model and wrap it in a TransformerBridge. Nothing is downloaded for local specs.
+
+    ``dtype``: the weights' dtype (a torch dtype or a name of :data:`DTYPES`; a GGUF is
+    dequantized to float32 once and cast from there). ``device="auto"``: placed by accelerate
+    (``device_map="auto"``) over the visible GPUs, then CPU RAM.
 
     A PEFT adapter folder (has ``adapter_config.json``) loads merged into its base model, named
     after the base (see :func:`steerkit.finetune.load_tuned`).
     """
     device = check_device(device)
+    dtype = check_dtype(dtype)
     if spec is not None and (Path(str(spec)).expanduser() / "adapter_config.json").is_file():
         from steerkit.finetune import load_tuned
 
         return load_tuned(spec, device=device, dtype=dtype)
     name, source = resolve_spec(spec)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if isinstance(source, Path):
         check_weight_files(source)
     t0 = time.perf_counter()
-    with _quiet_transformers():
-        try:
-            tok = AutoTokenizer.from_pretrained(source)
-            hf = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, attn_implementation="eager", use_safetensors=True
-            )
-        except OSError as e:
-            raise SteerkitError(
-                f"could not load model {source}: {str(e).splitlines()[0]} "
-                f"(offline? give a local folder or .gguf file)"
-            ) from e
-    hf.to(device)
+    tok, hf = load_pretrained(source, device, dtype, hint=" (offline? give a local folder or .gguf file)")
     hf.eval()
     model = wrap_model(hf, tok, name=name, source=str(source))
     log.info("loaded %s in %.1fs", name, time.perf_counter() - t0)
     return model
+
+
+def load_pretrained(source: Path | str, device: str, dtype: torch.dtype, hint: str = "") -> tuple[Any, torch.nn.Module]:
+    """(tokenizer, HF causal LM) of a resolved source in ``dtype`` on ``device`` (a checked one:
+    see :func:`check_device`); ``"auto"`` lets accelerate place the layers (``device_map="auto"``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    placement = {"device_map": "auto"} if device == AUTO_DEVICE else {}
+    with _quiet_transformers():
+        try:
+            tok = AutoTokenizer.from_pretrained(source)
+            hf = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, attn_implementation="eager", use_safetensors=True, **placement
+            )
+        except OSError as e:
+            raise SteerkitError(f"could not load model {source}: {str(e).splitlines()[0]}{hint}") from e
+        except ImportError as e:  # device_map="auto" without (a recent enough) accelerate
+            if not placement:
+                raise
+            raise SteerkitError(f"could not load model {source} with --device auto ({str(e).splitlines()[0]}): pip install accelerate") from e
+    if device != AUTO_DEVICE:
+        hf.to(device)
+    return tok, hf
+
+
+def placed_devices(hf_model: torch.nn.Module) -> set[str]:
+    """The devices accelerate spread a ``device_map`` model over (empty for a model on one device)."""
+    dm = getattr(hf_model, "hf_device_map", None) or {}
+    return {str(v) for v in dm.values()}
 
 
 def wrap_model(hf_model: torch.nn.Module, tokenizer: Any, name: str, source: str = "") -> LoadedModel:
@@ -446,7 +505,9 @@ def wrap_model(hf_model: torch.nn.Module, tokenizer: Any, name: str, source: str
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     hf_model.eval()
-    twin = _plain_twin(hf_model)  # before the bridge wraps hf_model's modules in place
+    # before the bridge wraps hf_model's modules in place; a model spread over several devices
+    # keeps the bridge path (the twin would lack accelerate's hooks that move activations)
+    twin = _plain_twin(hf_model) if len(placed_devices(hf_model)) <= 1 else None
     with _quiet_transformers(), _quiet_logging("transformer_lens"):
         # the bridge edits the tokenizer it is given (BOS = EOS when missing): give it a copy
         bridge = TransformerBridge.boot_transformers(

@@ -1,4 +1,5 @@
-"""Sparse autoencoders: TopK, ReLU and JumpReLU; SAELens-format folders in and out.
+"""Sparse autoencoders: TopK, ReLU and JumpReLU; SAELens-format folders in and out, sparsify and
+dictionary_learning folders in.
 
 An SAE reads residual activations ``x [..., d_in]`` and writes latents ``a [..., d_sae]``::
 
@@ -12,13 +13,16 @@ Row ``i`` of ``W_dec`` is latent ``i``'s direction. SAEs steerkit trains are sav
 residual units with unit-norm decoder rows (the training-time input scaling is folded into the
 weights), so a latent's activation is its coefficient along that unit row.
 
-On disk (the SAELens format): a folder with ``cfg.json`` and ``sae_weights.safetensors``
-holding ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``
-and ``threshold [d_sae]`` for JumpReLU. Both SAELens config layouts load: v6 (``architecture``,
-``k``, hook name under ``metadata``/``meta``) and v5 (``hook_name`` at top level,
-``activation_fn_str: "topk"`` with ``activation_fn_kwargs.k``). ``rescale_acts_by_decoder_norm``
-is folded into the weights on load; run-time ``constant_norm_rescale`` and ``layer_norm`` input
-normalisation are applied in :meth:`SAE.encode`/:meth:`SAE.decode`.
+On disk (the SAELens format, which :func:`save_sae` writes): a folder with ``cfg.json`` and
+``sae_weights.safetensors`` holding ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
+``W_dec [d_sae, d_in]``, ``b_dec [d_in]`` and ``threshold [d_sae]`` for JumpReLU. Both SAELens
+config layouts load: v6 (``architecture``, ``k``, hook name under ``metadata``/``meta``) and v5
+(``hook_name`` at top level, ``activation_fn_str: "topk"`` with ``activation_fn_kwargs.k``).
+``rescale_acts_by_decoder_norm`` is folded into the weights on load; run-time
+``constant_norm_rescale`` and ``layer_norm`` input normalisation are applied in
+:meth:`SAE.encode`/:meth:`SAE.decode`. :func:`load_sae` also reads EleutherAI sparsify folders
+(``cfg.json`` + ``sae.safetensors``) and saprmarks/dictionary_learning folders (``config.json`` +
+``ae.pt``, read tensors-only), converting them as :mod:`steerkit.sae_formats` describes.
 
 Training lives in :mod:`steerkit.sae_train`, metrics and interpretation in
 :mod:`steerkit.sae_eval`.
@@ -275,19 +279,18 @@ def check_latents(sae: Any, latents: Any) -> list[int]:
 
 
 def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
-    """Load a SAELens-format folder (``cfg.json`` + ``sae_weights.safetensors``)."""
+    """Load an SAE folder: SAELens (``cfg.json`` + ``sae_weights.safetensors``), EleutherAI
+    sparsify (``cfg.json`` + ``sae.safetensors``) or dictionary_learning (``config.json`` +
+    ``ae.pt``), see :mod:`steerkit.sae_formats`. The SAE's ``source_format`` says which."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = Path(path).expanduser()
-    if folder.is_file() and folder.name in (CFG_FILE, WEIGHTS_FILE):
-        folder = folder.parent
+    from steerkit.sae_formats import load_foreign, locate
+
+    folder, fmt = locate(path)
+    if fmt != "saelens":
+        return load_foreign(folder, fmt).to(device)
     cfg_path, w_path = folder / CFG_FILE, folder / WEIGHTS_FILE
-    if not folder.is_dir():
-        raise SteerkitError(f"SAE folder {folder} does not exist")
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise SteerkitError(f"{folder} is not an SAE folder: {p.name} is missing (SAELens format: {CFG_FILE} + {WEIGHTS_FILE})")
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -318,6 +321,7 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE
     if rescale:
         sae.fold_decoder_norm()
     sae.requires_grad_(False)
+    sae.source_format = "saelens"
     return sae.to(device)
 
 

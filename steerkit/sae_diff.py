@@ -60,7 +60,7 @@ class DiffActs:
             self.info = {"tuned": str(self.adapter), **tuned_info(self.adapter, list(self.adapter.glob("adapter_model*.safetensors"))),
                          "how": "LoRA swapped into the base weights"}
         elif isinstance(tuned, (str, os.PathLike)):
-            self.tuned_model = load_tuned(tuned, device=str(model.device))
+            self.tuned_model = load_tuned(tuned, device=str(model.device), dtype=model.dtype)
             self.info = {"tuned": str(tuned), **(self.tuned_model.tuned or {}), "how": "second model"}
         else:
             self.tuned_model = tuned

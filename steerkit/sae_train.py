@@ -403,7 +403,7 @@ def train_sae(
         raise SteerkitError("a diff-SAE needs the tuned model: pass --tuned ADAPTER_DIR")
     if chats and cfg.chat_fraction == 0 and not docs:
         raise SteerkitError("chats given with --chat-fraction 0 and no corpus: nothing to train on")
-    dev = torch.device(device) if device is not None else model.device
+    dev = torch.device(device) if device is not None and str(device) != "auto" else model.device  # auto: the model's first device
     hook = model.hook_name(cfg.layer)
     if init is not None:
         check_init(init, model.name, cfg, model.d_model)

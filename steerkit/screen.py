@@ -124,7 +124,7 @@ def screen(
     judge: Judge,
     strengths: Sequence[float] = (0.2, 0.35),
     samples: int = 4,
-    sampling: Sampling = Sampling(max_new_tokens=48, temperature=1.0),
+    sampling: Sampling = Sampling(max_new_tokens=48, temperature=0.7, top_p=0.9),  # the demo's (steerkit.sweep.TEMPERATURE, TOP_P)
     batch_size: int = 32,
     min_coherent: float = 0.9,
     out_dir: str | os.PathLike | None = None,

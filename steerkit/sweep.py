@@ -49,6 +49,11 @@ PLOT_PNG = "sweep.png"
 CONFIG_FORMAT = "steerkit.sweep/1"
 MAX_INCOHERENT = 0.1  # the coherent range: strengths with at most this fraction incoherent
 ABLATE_STRENGTHS = (0.0, 1.0)  # ablate: 0 = unsteered, 1 = direction projected out
+# sweeps and screens sample like the demo (steerkit.demo.DemoConfig): at temperature 1.0 about a
+# third of the default model's unsteered answers to open questions are unreadable, which leaves
+# the judge nothing to score; at 0.7 / top-p 0.9 they read
+TEMPERATURE = 0.7
+TOP_P = 0.9
 
 
 # --- strengths and conditions -----------------------------------------------------------------
@@ -429,7 +434,7 @@ def run_sweep(
     conditions: Sequence[Condition],
     questions: Sequence[Prompt],
     samples: int = 8,
-    sampling: Sampling = Sampling(max_new_tokens=64, temperature=1.0),
+    sampling: Sampling = Sampling(max_new_tokens=64, temperature=TEMPERATURE, top_p=TOP_P),
     judge: Judge | None = None,
     out_dir: str | os.PathLike | None = None,
     *,

@@ -138,3 +138,19 @@ def test_cli_export_import(tiny_dir, tmp_path):
     assert torch.allclose(q.vector, d.vector, atol=1e-6)
     res = r.invoke(app, ["directions", "import", str(tmp_path / "p.gguf"), "--name", "q", "--layer", "1", "--model", str(tiny_dir), "--out", str(tmp_path / "z.safetensors")])
     assert res.exit_code == 1 and "no vector for layer 1" in res.output
+
+
+def test_cli_import_names_the_direction_after_the_file(tiny_dir, tmp_path, monkeypatch):
+    """Without --name the direction takes the file's stem, in the user directions folder."""
+    from typer.testing import CliRunner
+
+    from steerkit.cli import app
+    from steerkit.directions import load_direction
+
+    monkeypatch.setenv("STEERKIT_HOME", str(tmp_path / "home"))
+    vec = tmp_path / "villain-cv.npy"
+    np.save(vec, np.random.default_rng(0).standard_normal(64).astype(np.float32))
+    res = CliRunner().invoke(app, ["directions", "import", str(vec), "--layer", "1", "--model", str(tiny_dir)])
+    assert res.exit_code == 0, res.output
+    d = load_direction(tmp_path / "home" / "directions" / "tiny-llama" / "villain-cv.safetensors")
+    assert d.name == "villain-cv" and d.layer == 1

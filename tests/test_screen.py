@@ -78,3 +78,39 @@ def test_screen_pools_several_random_controls(tiny):
     assert pooled.draws == 3 and pooled.n == 6 and pooled.control
     assert pooled.misaligned == sum(by[(f"random-{i}", 2.0)].misaligned for i in (1, 2, 3))
     assert [v["candidate"] for v in res.verdicts] == ["cand"] and res.verdicts[0]["control_rate"] == pooled.rate
+
+
+def test_screen_samples_like_the_demo_by_default(tiny_dir, tmp_path, monkeypatch):
+    """`steerkit screen` and `steerkit.screen.screen` default to the demo's 0.7 / top-p 0.9
+    (at 1.0 a third of the default model's unsteered answers are unreadable);
+    --temperature/--top-p override."""
+    import inspect
+    import json
+
+    from typer.testing import CliRunner
+
+    import steerkit.judge as J
+    import steerkit.screen as SC
+    from steerkit.cli import app
+    from steerkit.sae import new_sae, save_sae
+
+    smp = inspect.signature(screen).parameters["sampling"].default
+    assert (smp.temperature, smp.top_p) == (0.7, 0.9)
+    sae = save_sae(new_sae("relu", 64, 96, None, "blocks.1.hook_out", "tiny-llama", seed=0), tmp_path / "sae")
+    cand = tmp_path / "latents.json"
+    cand.write_text(json.dumps({"base": str(tiny_dir), "tuned": None, "sae": str(sae), "layer": 1, "latents": [{"latent": 3}]}))
+    seen = []
+
+    def fake_screen(base, tuned, dirs, controls, qs, judge, **kw):
+        seen.append(kw["sampling"])
+        return SC.ScreenResult(cells=[])
+
+    monkeypatch.setattr(J, "load_judge", lambda kind="offline", **kw: object())
+    monkeypatch.setattr(SC, "screen", fake_screen)
+    runner = CliRunner()
+    r = runner.invoke(app, ["screen", "--candidates", str(cand), "--top", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["screen", "--candidates", str(cand), "--top", "1", "--json", "--temperature", "1.0", "--top-p", "0.95"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["sampling"]["temperature"] == 1.0
+    assert [(s.temperature, s.top_p, s.max_new_tokens) for s in seen] == [(0.7, 0.9, 48), (1.0, 0.95, 48)]

@@ -358,3 +358,28 @@ def test_eval_questions_plain_variants_and_globs(tmp_path):
     txt = tmp_path / "q.txt"
     txt.write_text("first question\nsecond question\n")
     assert [p.messages[-1]["content"] for p in eval_questions(txt)] == ["first question", "second question"]
+
+
+def test_sampling_defaults_are_the_demos(cli_files, tiny_dir):
+    """With no --temperature/--top-p a sweep samples like the demo (0.7 / 0.9), and the API's
+    default agrees; the flags still override."""
+    import inspect
+
+    from steerkit.demo import DemoConfig
+
+    assert (S.TEMPERATURE, S.TOP_P) == (DemoConfig.temperature, DemoConfig.top_p) == (0.7, 0.9)
+    smp = inspect.signature(S.run_sweep).parameters["sampling"].default
+    assert (smp.temperature, smp.top_p) == (0.7, 0.9)
+    root, dfile, q = cli_files
+    base = ["sweep", "--model", str(tiny_dir), "--direction", str(dfile), "--questions", str(q), "--judge", "none", "--control", "none",
+            "--strengths", "0", "--samples", "1", "--max-new-tokens", "3"]
+    r = runner.invoke(app, base + ["--out", str(root / "defaults")])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((root / "defaults" / "sweep.json").read_text())
+    assert (cfg["sampling"]["temperature"], cfg["sampling"]["top_p"]) == (0.7, 0.9)
+    r = runner.invoke(app, base + ["--temperature", "1.0", "--top-p", "1.0", "--out", str(root / "hot")])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((root / "hot" / "sweep.json").read_text())
+    assert (cfg["sampling"]["temperature"], cfg["sampling"]["top_p"]) == (1.0, 1.0)
+    help_text = runner.invoke(app, ["sweep", "--help"]).stdout
+    assert "the demo's settings" in " ".join(help_text.split())

@@ -91,6 +91,7 @@ def precheck_steering(info: Any, specs: list[Spec], layer: int | None, raw: bool
     from steerkit.directions import find_direction, load_direction
     from steerkit.interventions import Intervention
     from steerkit.models import check_layer
+    from steerkit.sae_formats import detect_format
 
     if layer is not None and info.n_layers is not None:
         check_layer(layer, info.n_layers)
@@ -102,8 +103,8 @@ def precheck_steering(info: Any, specs: list[Spec], layer: int | None, raw: bool
             dirs[name] = d
         iv = Intervention(dirs[name], mode, value, raw=raw, layer=layer)  # type: ignore[arg-type]  # mode, strength bound
         sae = iv.direction.sae_path() if iv.uses_latents else None
-        if sae is not None and not (sae / "cfg.json").is_file():
-            raise SteerkitError(f"direction {name!r} names SAE folder {sae}, which holds no cfg.json: put the SAE there, or --add the direction as a vector")
+        if sae is not None and detect_format(sae) is None:
+            raise SteerkitError(f"direction {name!r} names SAE folder {sae}, which holds no SAE (SAELens, sparsify or dictionary_learning files): put the SAE there, or --add the direction as a vector")
     return dirs
 
 

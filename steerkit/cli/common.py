@@ -30,7 +30,20 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same seed, sa
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON Lines on stdout (the default when stdout is not a terminal).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 AnyModelOpt = Annotated[bool, typer.Option("--any-model", help="Use directions made for another model of the same d_model.")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="torch device (default: cuda if available, else cpu).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="torch device: cpu, cuda, cuda:N, mps, or auto (a model too big for one GPU: its layers spread over every GPU, then CPU RAM, by Hugging Face's device_map=\"auto\"; needs accelerate). Default: cuda if available, else cpu.")]
+
+
+def _dtype_option(value: str) -> str:
+    """--dtype checked as the command line is parsed (before anything loads): its canonical name."""
+    from steerkit.models import check_dtype, dtype_name
+
+    try:
+        return dtype_name(check_dtype(value))
+    except SteerkitError:
+        raise typer.BadParameter(f"{value!r} is not one of float32, bfloat16, float16 (or bf16, fp16)") from None
+
+
+DtypeOpt = Annotated[str, typer.Option("--dtype", callback=_dtype_option, help="The model's weights: float32, bfloat16 or float16 (bf16, fp16); half precision halves the memory of a big model on a GPU. Steering, SAE and activation arithmetic stays float32 either way.")]
 
 
 def want_json(flag: bool) -> bool:

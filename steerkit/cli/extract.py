@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from steerkit.cli import app
-from steerkit.cli.common import DeviceOpt, ForceOpt, JsonOpt, LayerOpt, SeedOpt, emit_json, err, out, want_json
+from steerkit.cli.common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, LayerOpt, SeedOpt, emit_json, err, out, want_json
 from steerkit.errors import SteerkitError
 
 
@@ -44,6 +44,7 @@ def extract_cmd(
     force: ForceOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
     json_out: JsonOpt = False,
 ) -> None:
     """Rank SAE latents by how much a fine-tune (or a persona system prompt) raises them, or,
@@ -108,7 +109,7 @@ def extract_cmd(
 
         answers_judged = read_judged(judged, min_questions)
     with err.status("loading model and SAE..."):
-        base_model = load_model(base, device=device)
+        base_model = load_model(base, device=device, dtype=dtype)
         sae_path = find_sae(sae, base_model.name)
         sae_obj = _load_sae(sae_path, base_model)
     L = layer if layer is not None else _sae_layer(sae_obj, sae_path)
@@ -120,7 +121,7 @@ def extract_cmd(
         tuned_model = base_model
         if tuned is not None:
             with err.status(f"loading {tuned}..."):
-                tuned_model = load_tuned(tuned, base, device)
+                tuned_model = load_tuned(tuned, base, device, dtype)
         s = answers_judged.summary()
         err.print(f"{s['questions_usable']} of {s['questions']} questions usable ({s['misaligned_answers']} misaligned, "
                   f"{s['aligned_answers']} aligned answers; {s['unlabelled']} records neither)")
@@ -133,7 +134,7 @@ def extract_cmd(
         tuned_model = base_model
     else:
         with err.status(f"loading {tuned}..."):
-            tuned_model = load_tuned(tuned, base, device)  # type: ignore[arg-type]
+            tuned_model = load_tuned(tuned, base, device, dtype)  # type: ignore[arg-type]
         chats = _diff_prompts(prompts)
         ans = None
         if tokens != "prompt":
@@ -189,15 +190,15 @@ def read_contrast(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
     return pairs, [str(q) for q in qs]
 
 
-def load_tuned(spec: str, base: str | None, device: str | None) -> Any:
+def load_tuned(spec: str, base: str | None, device: str | None, dtype: str = "float32") -> Any:
     """A fine-tuned model: PEFT adapter folders through steerkit.finetune when present."""
     try:
         from steerkit.finetune import load_tuned as lt
     except ImportError:
         from steerkit.models import load_model
 
-        return load_model(spec, device=device)
-    return lt(spec, base=base, device=device)
+        return load_model(spec, device=device, dtype=dtype)
+    return lt(spec, base=base, device=device, dtype=dtype)
 
 
 def _load_sae(path: Path, model: Any) -> Any:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from steerkit.cli import app
-from steerkit.cli.common import DeviceOpt, ForceOpt, JsonOpt, ModelOpt, SeedOpt, emit_json, err, out, want_json
+from steerkit.cli.common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, SeedOpt, emit_json, err, out, want_json
 
 
 @app.command("finetune")
@@ -30,6 +30,7 @@ def finetune_cmd(
     tuned: Annotated[Optional[Path], typer.Option("--tuned", help="Continue from this adapter folder (e.g. to re-align an organism); the result holds both as one adapter.")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -76,7 +77,7 @@ def finetune_cmd(
         prog.update(task, completed=s.step, loss=f"{s.loss:.3f}", rate=f"{s.tokens_per_s:.0f}")  # type: ignore[attr-defined]
 
     try:
-        path, res = finetune(data, out_dir, cfg, model=model, device=device, force=force, on_step=step, on_start=started, mix=mixes, tuned=tuned)
+        path, res = finetune(data, out_dir, cfg, model=model, device=device, force=force, on_step=step, on_start=started, mix=mixes, tuned=tuned, dtype=dtype)
     finally:
         status.stop()
         prog.stop()

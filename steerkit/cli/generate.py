@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from steerkit.cli import app
-from steerkit.cli.common import AnyModelOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelOpt, SeedOpt, err, out, want_json
+from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, LayerOpt, ModelOpt, SeedOpt, err, out, want_json
 from steerkit.errors import SteerkitError
 
 AddOpt = Annotated[list[str], typer.Option("--add", "-a", help="NAME:STRENGTH, add the direction (strength in units of the layer's median token norm). Repeatable.")]
@@ -107,6 +107,7 @@ def generate_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Rows per forward pass.")] = 8,
     model: ModelOpt = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
     any_model: AnyModelOpt = False,
     json_out: JsonOpt = False,
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write JSON Lines records to this file (atomic; see --force).")] = None,
@@ -141,7 +142,7 @@ def generate_cmd(
         from steerkit.cli.monitor import precheck_direction
 
         mon_dir = precheck_direction(monitor, info, any_model)
-    model_obj = _load(model, device)
+    model_obj = _load(model, device, dtype)
     if monitor is not None:
         from steerkit.cli.monitor import print_strip, strip_scale
         from steerkit.directions import check_compatible
@@ -219,11 +220,11 @@ def generate_cmd(
         err.print(f"wrote {len(records)} records to {out_file}")
 
 
-def _load(model: str | None, device: str | None) -> Any:
+def _load(model: str | None, device: str | None, dtype: str = "float32") -> Any:
     from steerkit.models import load_model
 
-    with err.status(f"loading {model or 'smollm2-135m'}..."):
-        return load_model(model, device=device)
+    with err.status(f"loading {model or 'smollm2-135m'}" + ("" if dtype == "float32" else f" in {dtype}") + "..."):
+        return load_model(model, device=device, dtype=dtype)
 
 
 def _monitor_title(rec: dict[str, Any]) -> str:

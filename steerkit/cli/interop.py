@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from steerkit.cli.common import ForceOpt, LayerOpt, ModelOpt, err, out
+from steerkit.cli.common import DeviceOpt, DtypeOpt, ForceOpt, LayerOpt, ModelOpt, err, out
 from steerkit.cli.directions import _model_name, directions_app
 from steerkit.errors import SteerkitError
 
@@ -67,23 +67,34 @@ def export_cmd(
 @directions_app.command("import")
 def import_cmd(
     path: Annotated[Path, typer.Argument(help="A control-vector .gguf, or a plain .npy/.pt vector.")],
-    name: Annotated[str, typer.Option("--name", help="Name of the new direction.")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Name of the new direction (default: the file's name without its suffix, e.g. persona for persona.gguf).", show_default=False)] = None,
     layer: LayerOpt = None,
     out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .safetensors (default: the user directions folder). Several layers: one file per layer, <out>.L<layer>.safetensors.")] = None,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
     force: ForceOpt = False,
 ) -> None:
     """Read a control vector or plain vector into a steerkit direction file. The strength unit is
     the layer's median token norm on --model; provenance keeps the raw norm (strength_of_raw).
-    Plain vectors need --layer (and --model unless it is the default).
+    Plain vectors need --layer (and --model unless it is the default). The direction is named
+    --name, else after the file (persona.gguf: persona).
 
-    Example: steerkit directions import persona.gguf --name persona-cv --out persona-cv.safetensors
+    Examples:
+
+      steerkit directions import persona.gguf
+
+      steerkit directions import persona.gguf --name persona-cv --out persona-cv.safetensors
     """
     from steerkit.activations import default_norm_chats, median_token_norm
     from steerkit.directions import SUFFIX, save_direction, user_root
     from steerkit.interop import import_gguf, load_plain_vector, vector_to_direction
     from steerkit.models import load_model
 
+    if name is None:
+        name = path.stem
+    if not name.strip():
+        raise SteerkitError(f"{path.name} gives no name: pass --name NAME")
     suf = path.suffix.lower()
     meta: dict = {}
     if suf == ".gguf":
@@ -99,7 +110,7 @@ def import_cmd(
     from steerkit.cli.checks import peek
     from steerkit.models import check_layer
 
-    info = peek(model)  # the model spec and the layers checked before it loads
+    info = peek(model, device)  # the model spec, device and layers checked before it loads
     if info.n_layers is not None:
         for L in vectors:
             check_layer(L, info.n_layers)
@@ -108,7 +119,7 @@ def import_cmd(
 
         check_writable(out_path if out_path.name.endswith(SUFFIX) else out_path.with_name(out_path.name + SUFFIX), force)  # before the model loads
     with err.status(f"loading {model or 'the default model'} to measure median norms"):
-        m = load_model(model)
+        m = load_model(model, device=device, dtype=dtype)
         known = meta.get("median_norms", {}) if m.name in meta.get("models", []) else {}
         base = out_path or (user_root() / m.name / f"{name}{SUFFIX}")
         stem = base.name[: -len(SUFFIX)] if base.name.endswith(SUFFIX) else base.name

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from steerkit.cli import app
-from steerkit.cli.common import AnyModelOpt, DeviceOpt, ForceOpt, JsonOpt, ModelOpt, SeedOpt, emit_json, err, out, want_json
+from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, SeedOpt, emit_json, err, out, want_json
 from steerkit.errors import SteerkitError
 
 DirectionOpt = Annotated[Optional[str], typer.Option("--direction", "-d", help="Direction name or .safetensors file to measure (see `steerkit directions`).", show_default=False)]
@@ -46,17 +46,18 @@ def precheck_direction(spec: str, info: Any, any_model: bool, lookup_name: str |
     SAE folder, before loading the model."""
     from steerkit.cli.checks import check_fits
     from steerkit.directions import find_direction, load_direction
+    from steerkit.sae_formats import detect_format
 
     d = load_direction(find_direction(spec, lookup_name or info.name))
     check_fits(d, info, any_model)
     sae = d.sae_path() if d.is_sae else None
-    if sae is not None and not (sae / "cfg.json").is_file():
-        raise SteerkitError(f"direction {d.name!r} names SAE folder {sae}, which holds no cfg.json: put the SAE there")
+    if sae is not None and detect_format(sae) is None:
+        raise SteerkitError(f"direction {d.name!r} names SAE folder {sae}, which holds no SAE (SAELens, sparsify or dictionary_learning files): put the SAE there")
     return d
 
 
 def _prepare(model: Optional[str], tuned: Optional[str], device: Optional[str], direction: str, any_model: bool,
-             batch_size: int) -> tuple[Any, Any]:
+             batch_size: int, dtype: str = "float32") -> tuple[Any, Any]:
     """Checks, then the model (a tuned one named after its base) and the direction."""
     from steerkit.cli.checks import check_batch_size, peek, peek_tuned
     from steerkit.directions import check_compatible
@@ -70,12 +71,12 @@ def _prepare(model: Optional[str], tuned: Optional[str], device: Optional[str], 
         from steerkit.models import load_model
 
         with err.status(f"loading {model or 'smollm2-135m'}..."):
-            m = load_model(model, device=device)
+            m = load_model(model, device=device, dtype=dtype)
     else:
         from steerkit.finetune import load_tuned
 
         with err.status(f"loading {tuned} (tuned from {model or 'smollm2-135m'})..."):
-            m = load_tuned(tuned, base=model or "smollm2-135m", device=device)
+            m = load_tuned(tuned, base=model or "smollm2-135m", device=device, dtype=dtype)
     check_compatible(d, m, allow_other_model=any_model or tuned is not None)
     return m, d
 
@@ -141,6 +142,7 @@ def monitor_cmd(
     judged: Annotated[bool, typer.Option("--judged", help="Require the judge's verdict ('misaligned', from `steerkit judge --json`) on the records, for the ROC AUC.")] = False,
     batch_size: BatchOpt = 16,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
     any_model: AnyModelOpt = False,
     json_out: JsonOpt = False,
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the JSON Lines records and summary to this file (atomic; see --force).")] = None,
@@ -175,7 +177,7 @@ def monitor_cmd(
     recs = [rec for _, rec in lines]
     if judged:
         M.check_verdicts(recs, where)
-    m, d = _prepare(model, tuned, device, direction, any_model, batch_size)
+    m, d = _prepare(model, tuned, device, direction, any_model, batch_size, dtype)
     with _bar("measuring", len(chats), disable=len(chats) <= batch_size) as advance:
         res = M.monitor_answers(m, d, recs, chats, per_token=per_token, batch_size=batch_size,
                                 allow_other_model=any_model or tuned is not None, progress=advance)
@@ -257,6 +259,7 @@ def audit_cmd(
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 16,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
     any_model: AnyModelOpt = False,
     json_out: JsonOpt = False,
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write every ranked example and the summary as JSON Lines here (atomic; see --force).")] = None,
@@ -294,7 +297,7 @@ def audit_cmd(
     pos = A.positive_labels(positive)
     where, lines = _read_input(data, "training data")
     chats = [record_chat(rec, f"{where}:{n}") for n, rec in lines]
-    m, d = _prepare(model, None, device, direction, any_model, batch_size)
+    m, d = _prepare(model, None, device, direction, any_model, batch_size, dtype)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as prog:
         tasks = {"score": prog.add_task("measuring", total=len(chats) * (1 if no_baseline else 2))}
         if not no_baseline:

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from steerkit.cli import app
-from steerkit.cli.common import DeviceOpt, ForceOpt, JsonOpt, ModelOpt, SeedOpt, emit_json, err, out, want_json
+from steerkit.cli.common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, SeedOpt, emit_json, err, out, want_json
 from steerkit.errors import SteerkitError
 
 sae_app = typer.Typer(help="Sparse autoencoders: train, evaluate, interpret, load.", no_args_is_help=True)
@@ -35,11 +35,11 @@ def parse_count(text: str, what: str = "--tokens") -> int:
     return n
 
 
-def _load_model(model: str | None, device: str | None) -> Any:
+def _load_model(model: str | None, device: str | None, dtype: str = "float32") -> Any:
     from steerkit.models import load_model
 
     with err.status("loading model..."):
-        return load_model(model, device=device)
+        return load_model(model, device=device, dtype=dtype)
 
 
 def _docs(corpus: list[Path], split: str, holdout: int = 50) -> list[Any]:
@@ -90,6 +90,7 @@ def train_cmd(
     seed: SeedOpt = 0,
     model: ModelOpt = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
     force: ForceOpt = False,
 ) -> None:
     """Train a sparse autoencoder on one residual layer.
@@ -143,7 +144,7 @@ def train_cmd(
         from steerkit.sae_chat import plan_mix
 
         plan_mix(cfg.chat_fraction, cfg.batch_size, cfg.buffer_tokens)  # refuses a share that rounds to nothing
-    m = _load_model(model, device)
+    m = _load_model(model, device, dtype)
     m.hook_name(cfg.layer)
     if plan["latents"] is None:
         cfg = TrainConfig(**{**cfg.__dict__, "d_sae": 2 * m.d_model})
@@ -289,6 +290,7 @@ def eval_cmd(
     seed: SeedOpt = 0,
     model: ModelOpt = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
     json_out: JsonOpt = False,
 ) -> None:
     """Explained variance, L0, dead and dense latents, and LM loss recovered on held-out text.
@@ -299,7 +301,7 @@ def eval_cmd(
 
     from steerkit.sae_eval import evaluate
 
-    m = _load_model(model, device)
+    m = _load_model(model, device, dtype)
     sae = _sae(path, m)
     docs = _docs(corpus, split)
     n = parse_count(tokens)
@@ -340,6 +342,7 @@ def top_cmd(
     seed: SeedOpt = 0,
     model: ModelOpt = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
     json_out: JsonOpt = False,
 ) -> None:
     """Top-activating contexts of one latent (active tokens highlighted) and the tokens its
@@ -350,7 +353,7 @@ def top_cmd(
     from steerkit.extract import promoted_tokens
     from steerkit.sae_eval import top_contexts
 
-    m = _load_model(model, device)
+    m = _load_model(model, device, dtype)
     sae = _sae(path, m)
     docs = _docs(corpus, split)
     with err.status(f"scanning {tokens} tokens..."):
@@ -372,10 +375,10 @@ def top_cmd(
 
 @sae_app.command("load")
 def load_cmd(
-    path: Annotated[Path, typer.Argument(help="A SAELens-format folder (cfg.json + sae_weights.safetensors) or a shipped SAE name.")],
+    path: Annotated[Path, typer.Argument(help="An SAE folder: SAELens (cfg.json + sae_weights.safetensors), EleutherAI sparsify hookpoint (cfg.json + sae.safetensors, e.g. sae-SmolLM2-135M-64x/layers.15) or dictionary_learning (config.json + ae.pt); or a shipped SAE name.")],
     json_out: JsonOpt = False,
 ) -> None:
-    """Validate an SAE folder and print a summary.
+    """Validate an SAE folder and print a summary, with the format found.
 
     Example: steerkit sae load directions/smollm2-135m/sae-l15
     """
@@ -385,7 +388,10 @@ def load_cmd(
 
     folder = find_sae(str(path), DEFAULT_ALIAS)
     sae = load_sae(folder)
-    rec: dict[str, Any] = {"path": str(folder), **sae.summary()}
+    rec: dict[str, Any] = {"path": str(folder), "format": getattr(sae, "source_format", "saelens"), **sae.summary()}
+    source = sae.cfg.extra.get("source") if getattr(sae, "source_format", "saelens") != "saelens" else None
+    if isinstance(source, dict):
+        rec["source"] = {k: v for k, v in source.items() if k != "format" and v is not None}
     if (folder / METRICS_FILE).is_file():
         try:
             met = json.loads((folder / METRICS_FILE).read_text())

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from steerkit.cli import app
-from steerkit.cli.common import DeviceOpt, ForceOpt, JsonOpt, SeedOpt, emit_json, err, out, want_json
+from steerkit.cli.common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, SeedOpt, emit_json, err, out, want_json
 from steerkit.errors import SteerkitError
 
 
@@ -23,7 +23,9 @@ def screen_cmd(
     strengths: Annotated[str, typer.Option("--strengths", help="Comma list of positive strengths (median-norm units).")] = "0.2,0.35",
     samples: Annotated[int, typer.Option("--samples", help="Samples per question per cell.")] = 4,
     questions: Annotated[Optional[Path], typer.Option("--questions", "-f", help="Question file (default: the 8 emergent-misalignment questions).")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 48,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per answer at most.")] = 48,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature (the demo's settings; at 1.0 a third of the default model's unsteered answers are unreadable); 0 is greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (the demo's 0.9).")] = 0.9,
     judge: Annotated[str, typer.Option("--judge", help="offline | endpoint")] = "offline",
     min_coherent: Annotated[float, typer.Option("--min-coherent", help="Coherent fraction a cell needs to count.")] = 0.9,
     control: Annotated[str, typer.Option("--control", help="random[:K]: K random directions of equal norm, pooled (default 3); add latents[:K] for K random latents of matched firing rate per candidate, e.g. random:3,latents:3.")] = "random",
@@ -34,6 +36,7 @@ def screen_cmd(
     force: ForceOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
     json_out: JsonOpt = False,
 ) -> None:
     """Steer the base model up and the tuned model down with each candidate; keep those that
@@ -50,6 +53,7 @@ def screen_cmd(
     from steerkit.screen import screen
     from steerkit.judge import load_judge
 
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)  # checked before anything loads
     if out_file is not None:
         check_writable(out_file, force)
     spec = parse_controls(control)
@@ -63,9 +67,9 @@ def screen_cmd(
     if j is None:
         raise SteerkitError("the screen needs a judge: install the judge extra or pass --judge endpoint")
     with err.status("loading models and SAE..."):
-        base = load_model(model or data.get("base") or data.get("model"), device=device)
+        base = load_model(model or data.get("base") or data.get("model"), device=device, dtype=dtype)
         tuned_spec = tuned if tuned is not None else data.get("tuned")
-        tuned_model = None if tuned_spec in (None, "none") else load_tuned(tuned_spec, model, device)
+        tuned_model = None if tuned_spec in (None, "none") else load_tuned(tuned_spec, model, device, dtype)
         sae_path = Path(data["sae"])
         sae = _load_sae(sae_path, base)
     dirs = candidate_directions(data, sae, sae_path, base, top)
@@ -76,9 +80,10 @@ def screen_cmd(
     with Progress(TextColumn("screening"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as prog:
         task = prog.add_task("screen", total=None)
         res = screen(base, tuned_model, dirs, controls, qs, j, strengths=ss, samples=samples, latent_controls=spec.latents, control_seed=seed,
-                     sampling=Sampling(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed), batch_size=batch_size,
+                     sampling=sampling, batch_size=batch_size,
                      min_coherent=min_coherent, on_batch=lambda d, t: prog.update(task, completed=d, total=t))
     result = res.to_json() | {"candidates": [d.summary() for d in dirs], "strengths": list(ss), "samples": samples,
+                              "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed},
                               "controls": str(spec), "control_directions": [c.summary() | {"provenance": c.provenance} for c in controls]}
     if out_file is not None:
         from steerkit.fsutil import atomic_write_text

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from steerkit.cli import app
-from steerkit.cli.common import AnyModelOpt, DeviceOpt, LayerOpt, ModelOpt, err
+from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, LayerOpt, ModelOpt, err
 from steerkit.cli.generate import AblateOpt, AddOpt, ClampOpt, PositionsOpt, RawOpt, build_interventions, precheck, _load
 from steerkit.errors import SteerkitError
 
@@ -31,6 +31,7 @@ def serve_cmd(
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level (info logs every request).")] = "warning",
     model: ModelOpt = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
     any_model: AnyModelOpt = False,
 ) -> None:
     """Serve a (steered) model with an OpenAI-compatible chat API.
@@ -62,7 +63,7 @@ def serve_cmd(
     config = ServeConfig(max_batch=max_batch, batch_wait=batch_wait_ms / 1000, max_queue=max_queue, max_body_bytes=max_body_bytes, default_max_tokens=max_tokens,
                          positions=positions, allow_paths=allow_paths, any_model=any_model)  # type: ignore[arg-type]
     _, dirs = precheck(model, device, add, clamp, ablate, layer, raw, any_model)
-    model_obj = _load(model, device)
+    model_obj = _load(model, device, dtype)
     ivs = build_interventions(model_obj, add, clamp, ablate, layer, raw, any_model, dirs)
     config = dataclasses.replace(config, steering=tuple(ivs))
     api = create_app(model_obj, config)

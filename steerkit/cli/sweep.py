@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from steerkit.cli import app
-from steerkit.cli.common import AnyModelOpt, DeviceOpt, JsonOpt, LayerOpt, ModelOpt, SeedOpt, emit_json, err, out, want_json
+from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, JsonOpt, LayerOpt, ModelOpt, SeedOpt, emit_json, err, out, want_json
 from steerkit.errors import SteerkitError
 from steerkit.prompts import eval_questions
 
@@ -37,8 +37,8 @@ def sweep_cmd(
     judge: Annotated[str, typer.Option("--judge", help="auto (offline if it loads), offline, endpoint (STEERKIT_JUDGE_URL, _MODEL, _KEY) or none.")] = "auto",
     tuned: Annotated[Optional[str], typer.Option("--tuned", help="Fine-tuned model to sweep (a PEFT adapter folder over --model, or any model spec).", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")] = 64,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 is greedy.")] = 1.0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 1.0,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature (the demo's settings; at 1.0 a third of the default model's unsteered answers are unreadable); 0 is greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (the demo's 0.9).")] = 0.9,
     seed: SeedOpt = 0,
     layer: LayerOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="Strengths in absolute residual units instead of median-norm units.")] = False,
@@ -48,6 +48,7 @@ def sweep_cmd(
     force: Annotated[bool, typer.Option("--force", help="Start afresh in an --out folder that holds another sweep.")] = False,
     model: ModelOpt = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
     any_model: AnyModelOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -97,7 +98,7 @@ def sweep_cmd(
 
             judge_obj = None
             err.print(Text(f"no judge ({e}): answers are generated but not scored, as with --judge none", style="yellow"))
-    model_obj, base_name = _load_models(model, tuned, device)
+    model_obj, base_name = _load_models(model, tuned, device, dtype)
     d = _direction(direction, model_obj, base_name, any_model or tuned is not None)
     if layer is not None:
         model_obj.hook_name(layer)  # range check with a clear message
@@ -131,13 +132,13 @@ def summarize_cmd(
 # --- pieces -----------------------------------------------------------------------------------
 
 
-def _load_models(model: Optional[str], tuned: Optional[str], device: Optional[str]) -> tuple[Any, str]:
+def _load_models(model: Optional[str], tuned: Optional[str], device: Optional[str], dtype: str = "float32") -> tuple[Any, str]:
     """The model to steer and the name its directions are filed under (the base model's)."""
     from steerkit.models import load_model, resolve_spec
 
     if tuned is None:
         with err.status(f"loading {model or 'smollm2-135m'}..."):
-            m = load_model(model, device=device)
+            m = load_model(model, device=device, dtype=dtype)
         return m, m.name
     base_name = resolve_spec(model)[0]
     with err.status(f"loading {tuned} (tuned from {model or 'smollm2-135m'})..."):
@@ -151,10 +152,11 @@ def _load_models(model: Optional[str], tuned: Optional[str], device: Optional[st
         if loader is not None:
             import inspect
 
-            kw = {"device": device} if "device" in inspect.signature(loader).parameters else {}
+            params = inspect.signature(loader).parameters
+            kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if k in params}
             m = loader(tuned, base=model or "smollm2-135m", **kw)
         else:  # no adapter loader in this build: any model spec load_model takes
-            m = load_model(tuned, device=device)
+            m = load_model(tuned, device=device, dtype=dtype)
     return m, base_name
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from steerkit.cli import app
-from steerkit.cli.common import AnyModelOpt, DeviceOpt, JsonOpt, SeedOpt, emit_json, err, out, want_json
+from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, JsonOpt, SeedOpt, emit_json, err, out, want_json
 from steerkit.errors import SteerkitError
 from steerkit.prompts import eval_questions
 
@@ -34,6 +34,7 @@ def track_cmd(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also write the plot here (PNG).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --plot, and start afresh in an --out folder that holds a track with other settings (the same settings always resume).")] = False,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
     any_model: AnyModelOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -55,6 +56,7 @@ def track_cmd(
     from steerkit import track as T
     from steerkit.cli.checks import check_batch_size, check_fits, peek
     from steerkit.directions import find_direction, load_direction
+    from steerkit.sae_formats import detect_format
     from steerkit.fsutil import check_writable
     from steerkit.generate import Sampling
     from steerkit.track_points import find_all_points
@@ -83,8 +85,8 @@ def track_cmd(
         d = load_direction(find_direction(spec, info.name))
         check_fits(d, info, any_model)
         sae = d.sae_path() if d.is_sae else None
-        if sae is not None and not (sae / "cfg.json").is_file():
-            raise SteerkitError(f"direction {spec!r} names SAE folder {sae}, which holds no cfg.json: put the SAE there")
+        if sae is not None and detect_format(sae) is None:
+            raise SteerkitError(f"direction {spec!r} names SAE folder {sae}, which holds no SAE (SAELens, sparsify or dictionary_learning files): put the SAE there")
         dirs.append(d)
     if len({d.name for d in dirs}) != len(dirs):
         raise SteerkitError(f"--direction names one direction twice ({', '.join(direction)}): give each once")
@@ -104,7 +106,7 @@ def track_cmd(
         from steerkit.models import load_model
 
         with err.status(f"loading {base}..."):
-            return load_model(base, device=device)
+            return load_model(base, device=device, dtype=dtype)
 
     result = _run(T, points, dirs, prompts, load, info.name, samples, sampling, judge_obj, out_dir, batch_size, force, any_model)
     _render(result, json_out, plot, [d.name for d in dirs])
