@@ -6,7 +6,8 @@ rather than ``generate()`` so that steering is applied on the prompt and on ever
 step (the first generated token included), positions are masked per row under left padding,
 finished rows leave the batch, and sampling uses one random generator per row, so a row's
 output depends on ``seed``, its prompt and sample index, not on what else is in the batch
-(up to float rounding between batch shapes).
+(up to float rounding between batch shapes). The loop is :class:`DecodeEngine`'s: ``generate``
+runs static batches on it, the server's scheduler lets rows join it between decode steps.
 
 Positions (``positions``): ``all`` steers every token but the first (the attention sink);
 ``prompt`` only prompt tokens; ``generated`` the last prompt token (whose output is the first
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from steerkit.errors import SteerkitError
-from steerkit.interventions import POSITIONS, Intervention, Positions, SteeringPlan, bridge_hook_count, steering
+from steerkit.interventions import POSITIONS, Intervention, PositionMask, Positions, SteeringPlan, bridge_hook_count, steering
 
 Messages = list[dict[str, str]]
 
@@ -160,17 +161,6 @@ def _sample_rows(logits: torch.Tensor, ss: Sequence[Sampling], gens: Sequence[to
     return torch.where(greedy, best, idx[:, 0])
 
 
-@dataclass
-class _Batch:
-    rows: list[Row]
-    ids: list[list[int]]  # prompt ids per row
-    gens: list[torch.Generator]
-    seeds: list[int]
-    out: list[list[int]] = field(default_factory=list)
-    lps: list[list[float]] = field(default_factory=list)
-    tops: list[list[list[tuple[int, float]]]] = field(default_factory=list)
-
-
 # (row, new token id, all tokens so far); returning False (not None) ends that row: it leaves
 # the batch with finish_reason "cancelled" (a server's disconnected client, a stop string)
 TokenCallback = Callable[[Row, int, list[int]], "bool | None"]
@@ -195,6 +185,10 @@ def generate(
     ``ignore_eos`` always generates ``max_new_tokens`` (for benchmarks that need equal lengths).
     A row with its own ``Row.sampling`` uses it (temperature, top_p, seed, max_new_tokens)
     instead of ``sampling``, so requests with different settings can share a batch.
+
+    Batches are static here (each runs until its last row ends, then the next starts, and
+    ``on_complete`` is called for a batch's rows in order once it ends); the decode loop is
+    :class:`DecodeEngine`'s, which the server also drives with rows joining mid-batch.
     """
     if positions not in POSITIONS:
         raise SteerkitError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
@@ -202,160 +196,373 @@ def generate(
         raise SteerkitError(f"--batch-size must be at least 1, got {batch_size}")
     results: list[Completion | None] = [None] * len(rows)
     prompt_ids = [chat_tokens(model, r.messages) for r in rows]
-    limit = model.context_length
     for i, ids in enumerate(prompt_ids):
-        max_new = (rows[i].sampling or sampling).max_new_tokens
-        if len(ids) + max_new > limit:
-            room = limit - len(ids)
-            fix = f"lower --max-new-tokens to at most {room}, or shorten the prompt" if room >= 1 else "shorten the prompt"
-            raise SteerkitError(
-                f"prompt {rows[i].prompt_index} has {len(ids)} tokens; with --max-new-tokens "
-                f"{max_new} that exceeds the context length {limit}: {fix}"
-            )
+        check_context(model, rows[i], len(ids), (rows[i].sampling or sampling).max_new_tokens)
     # longest prompts first: less padding within a batch
     order = sorted(range(len(rows)), key=lambda i: -len(prompt_ids[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        seeds = [row_seed((rows[i].sampling or sampling).seed, rows[i].prompt_index, rows[i].sample_index) for i in idx]
-        batch = _Batch(
-            rows=[rows[i] for i in idx],
-            ids=[prompt_ids[i] for i in idx],
-            gens=[torch.Generator().manual_seed(s) for s in seeds],
-            seeds=seeds,
-        )
-        for j, c in zip(idx, _generate_batch(model, batch, sampling, positions, stop, logprobs, on_token, sae_loader, ignore_eos)):
+        with DecodeEngine(model, sampling, positions=positions, stop=stop, on_token=on_token, sae_loader=sae_loader, ignore_eos=ignore_eos) as engine:
+            live = engine.add([rows[i] for i in idx], [prompt_ids[i] for i in idx], logprobs=logprobs)
+            while engine.rows:
+                engine.step()
+        for j, lv in zip(idx, live):
+            c = lv.completion
+            assert c is not None
             results[j] = c
             if on_complete is not None:
                 on_complete(c)
     return [c for c in results if c is not None]
 
 
-@torch.inference_mode()
-def _generate_batch(
-    model: Any,
-    batch: _Batch,
-    s: Sampling,
-    positions: Positions,
-    stop: Sequence[str],
-    logprobs: int | None,
-    on_token: TokenCallback | None,
-    sae_loader: Any,
-    ignore_eos: bool = False,
-) -> list[Completion]:
-    dev = model.device
-    B = len(batch.rows)
-    pad = model.pad_token_id()
-    eos = set() if ignore_eos else set(model.eos_token_ids())
-    T = max(len(x) for x in batch.ids)
-    input_ids = torch.full((B, T), pad, dtype=torch.long)
-    attn = torch.zeros((B, T), dtype=torch.long)
-    for b, ids in enumerate(batch.ids):
-        input_ids[b, T - len(ids) :] = torch.tensor(ids)
-        attn[b, T - len(ids) :] = 1
-    input_ids, attn = input_ids.to(dev), attn.to(dev)
-    plan = SteeringPlan.build([list(r.interventions) for r in batch.rows], sae_loader)
+def check_context(model: Any, row: Row, n_prompt: int, max_new: int) -> None:
+    """Refuse a row whose prompt plus ``max_new`` tokens exceeds the model's context length."""
+    limit = model.context_length
+    if n_prompt + max_new > limit:
+        room = limit - n_prompt
+        fix = f"lower --max-new-tokens to at most {room}, or shorten the prompt" if room >= 1 else "shorten the prompt"
+        raise SteerkitError(
+            f"prompt {row.prompt_index} has {n_prompt} tokens; with --max-new-tokens "
+            f"{max_new} that exceeds the context length {limit}: {fix}"
+        )
 
-    # prefill positions: real tokens after each row's first one
-    first = (attn.cumsum(-1) == 1) & (attn == 1)
-    real_after_first = (attn == 1) & ~first
-    if positions == "all" or positions == "prompt":
-        prefill_mask = real_after_first
-    else:  # generated: only the last prompt token, which yields the first new token
-        prefill_mask = torch.zeros_like(real_after_first)
-        prefill_mask[:, -1] = True
-    step_on = positions != "prompt"
 
-    out: list[list[int]] = [[] for _ in range(B)]
-    lps: list[list[float]] = [[] for _ in range(B)]
-    tops: list[list[list[tuple[int, float]]]] = [[] for _ in range(B)]
-    finish = ["length"] * B
-    alive = list(range(B))  # batch rows still generating, in cache order
-    stop_texts = [t for t in stop if t]
-    samp = [r.sampling or s for r in batch.rows]  # per-row sampling (all equal to s unless rows carry their own)
-    max_new = max(x.max_new_tokens for x in samp)
-    uniform = all((x.temperature, x.top_p) == (samp[0].temperature, samp[0].top_p) for x in samp)
+@dataclass(eq=False)
+class LiveRow:
+    """A row in a :class:`DecodeEngine`: its prompt, sampler state and output so far."""
 
-    # the unwrapped twin is faster; the bridge path is kept when someone hooked the bridge themselves
-    on_twin = getattr(model, "twin", None) is not None and bridge_hook_count(model) == 0
-    net = model.twin if on_twin else model.hf_model
-    cache_kw = _cache_kwarg(net)  # once per batch, not per decode step
-    with steering(model, plan, twin=on_twin) as pm:
-        pm.mask = prefill_mask
-        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-        o = net(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-        past = _cache_of(o)
-        logits = o.logits[:, -1]
-        cur_attn = attn
-        gens = list(batch.gens)
-        for step in range(max_new):
-            if uniform:
-                if logprobs is not None:
-                    lp = torch.log_softmax(logits.float() / (samp[0].temperature or 1.0), dim=-1)
-                nxt = _sample(logits, samp[0], gens)
+    row: Row
+    ids: list[int]  # prompt ids
+    sampling: Sampling
+    seed: int
+    gen: torch.Generator
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's and the top k
+    joined_step: int = 0  # the engine's decode-step count when the row was prefilled
+    out: list[int] = field(default_factory=list)
+    lps: list[float] = field(default_factory=list)
+    tops: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish: str = "length"
+    first_token_step: int | None = None  # the engine's decode-step count at the row's first token
+    completion: Completion | None = None  # set when the row leaves
+
+
+class _PlanView:
+    """What :func:`~steerkit.interventions.steering` installs: hooks on every layer any row of
+    the engine has steered so far, each applying the current plan (swapped as rows come and go)."""
+
+    def __init__(self) -> None:
+        self.plan = SteeringPlan(n_rows=0)
+        self.hooked: set[int] = set()
+
+    @property
+    def empty(self) -> bool:
+        return not self.hooked
+
+    def layers(self) -> list[int]:
+        return sorted(self.hooked)
+
+    def apply(self, layer: int, x: torch.Tensor, pos_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.plan.apply(layer, x, pos_mask)
+
+
+def _concat_plans(a: SteeringPlan, b: SteeringPlan) -> SteeringPlan:
+    """The plan of a batch whose rows are ``a``'s followed by ``b``'s (slots merged by key; a
+    row is left exactly alone by the slots it does not carry)."""
+    from steerkit.interventions import _Slot
+
+    if a.n_rows == 0:
+        return b
+    na, nb = a.n_rows, b.n_rows
+
+    def rows_of(s: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (s.values.expand(n), s.active.expand(n)) if s.values.shape[0] == 1 and n > 1 else (s.values, s.active)
+
+    out = SteeringPlan(n_rows=na + nb)
+    bs = {s.proto.key(): s for s in b.slots}
+    for s in a.slots:
+        va, aa = rows_of(s, na)
+        t = bs.pop(s.proto.key(), None)
+        vb, ab = rows_of(t, nb) if t is not None else (torch.zeros(nb), torch.zeros(nb, dtype=torch.bool))
+        out.slots.append(_Slot(s.proto, torch.cat([va, vb]), torch.cat([aa, ab]), s.sae, s.basis))
+    for s in bs.values():
+        vb, ab = rows_of(s, nb)
+        out.slots.append(_Slot(s.proto, torch.cat([torch.zeros(na), vb]), torch.cat([torch.zeros(na, dtype=torch.bool), ab]), s.sae, s.basis))
+    return out
+
+
+def _lpad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """``x`` with ``n`` zeros in front along ``dim`` (a negative dim)."""
+    if n == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _mergeable(past: Any) -> bool:
+    """Whether rows' KV caches can be joined along the batch (plain growing per-layer caches)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(past, "layers", None)
+    return layers is not None and all(type(layer) is DynamicLayer for layer in layers)
+
+
+class DecodeEngine:
+    """The running batch of a decode loop: rows join (:meth:`add`, their prompts prefilled
+    together and their KV cache merged into the running one) and leave (when done) between
+    decode steps, each row with its own steering, sampling settings and random generator.
+
+    ``generate`` adds a batch once and steps until it is empty; the server's scheduler adds
+    requests whenever there is room (continuous batching). A row's tokens do not depend on
+    when it joined or on its batch-mates: its prompt is prefilled with its own group, it is
+    sampled with its own generator (seeded by :func:`row_seed`), steering is masked per row
+    and per position, and its left padding is masked (up to float rounding between batch
+    shapes). ``trim`` drops cache columns that became padding for every row (long-running
+    batches whose early rows left).
+
+    Use as a context manager (or call :meth:`close`): steering hooks stay installed from the
+    first :meth:`add` until the engine closes.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        sampling: Sampling = Sampling(),
+        *,
+        positions: Positions = "all",
+        stop: Sequence[str] = (),
+        on_token: TokenCallback | None = None,
+        sae_loader: Any = None,
+        ignore_eos: bool = False,
+        trim: bool = False,
+    ) -> None:
+        import contextlib
+
+        if positions not in POSITIONS:
+            raise SteerkitError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
+        self.model = model
+        self.sampling = sampling
+        self.positions = positions
+        self.stop = [t for t in stop if t]
+        self.on_token = on_token
+        self.sae_loader = sae_loader
+        self.eos = set() if ignore_eos else set(model.eos_token_ids())
+        self.trim = trim
+        self.dev = model.device
+        # the unwrapped twin is faster; the bridge path is kept when someone hooked the bridge themselves
+        self.on_twin = getattr(model, "twin", None) is not None and bridge_hook_count(model) == 0
+        self.net = model.twin if self.on_twin else model.hf_model
+        self.cache_kw = _cache_kwarg(self.net)  # once per engine, not per decode step
+        self.step_on = positions != "prompt"
+        self.rows: list[LiveRow] = []  # running rows, in cache order
+        self.steps = 0  # decode forward passes run
+        self._past: Any = None
+        self._attn: torch.Tensor | None = None  # (B, T) long: 1 where the cache holds a real token
+        self._logits: torch.Tensor | None = None  # (B, V): each running row's next-token logits
+        self._mergeable = True
+        self._view = _PlanView()
+        self._pm = PositionMask()
+        self._hooks = contextlib.ExitStack()
+
+    # --- lifetime --------------------------------------------------------------------------------
+
+    def __enter__(self) -> "DecodeEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the steering hooks and drop the cache (running rows are abandoned)."""
+        self._hooks.close()
+        self._view.hooked = set()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.rows = []
+        self._past = self._attn = self._logits = None
+        self._view.plan = SteeringPlan(n_rows=0)
+
+    @property
+    def can_join(self) -> bool:
+        """Whether rows can be added now: always when empty, else when the model's KV cache can
+        be merged (plain per-layer caches; not sliding-window or static ones)."""
+        return not self.rows or self._mergeable
+
+    def _hook(self, plan: SteeringPlan) -> None:
+        need = set(plan.layers()) - self._view.hooked
+        if not need:
+            return
+        self._hooks.close()  # reinstall on the union of layers (rare: a new layer's steering)
+        self._view.hooked |= need
+        self._hooks.enter_context(steering(self.model, self._view, self._pm, twin=self.on_twin))  # type: ignore[arg-type]
+
+    # --- joining ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def add(self, rows: Sequence[Row], prompt_ids: Sequence[list[int]] | None = None, *, logprobs: int | None | Sequence[int | None] = None) -> list[LiveRow]:
+        """Prefill ``rows`` (together, left-padded) and join them to the running batch; each
+        gets its first token at the next :meth:`step`. ``logprobs`` for all or per row."""
+        if not rows:
+            return []
+        if not self.can_join:
+            raise SteerkitError("this model's KV cache cannot take rows into a running batch")
+        ids_list = [list(x) for x in prompt_ids] if prompt_ids is not None else [chat_tokens(self.model, r.messages) for r in rows]
+        wants = list(logprobs) if isinstance(logprobs, Sequence) else [logprobs] * len(rows)
+        new: list[LiveRow] = []
+        for r, ids, want in zip(rows, ids_list, wants):
+            smp = r.sampling or self.sampling
+            check_context(self.model, r, len(ids), smp.max_new_tokens)
+            seed = row_seed(smp.seed, r.prompt_index, r.sample_index)
+            new.append(LiveRow(r, ids, smp, seed, torch.Generator().manual_seed(seed), want, self.steps))
+        plan = SteeringPlan.build([list(r.interventions) for r in rows], self.sae_loader)  # may refuse: nothing changed yet
+
+        dev = self.dev
+        B, T = len(rows), max(len(x) for x in ids_list)
+        pad = self.model.pad_token_id()
+        input_ids = torch.full((B, T), pad, dtype=torch.long)
+        attn = torch.zeros((B, T), dtype=torch.long)
+        for b, ids in enumerate(ids_list):
+            input_ids[b, T - len(ids) :] = torch.tensor(ids)
+            attn[b, T - len(ids) :] = 1
+        input_ids, attn = input_ids.to(dev), attn.to(dev)
+        # prefill positions: real tokens after each row's first one
+        first = (attn.cumsum(-1) == 1) & (attn == 1)
+        real_after_first = (attn == 1) & ~first
+        if self.positions == "all" or self.positions == "prompt":
+            prefill_mask = real_after_first
+        else:  # generated: only the last prompt token, which yields the first new token
+            prefill_mask = torch.zeros_like(real_after_first)
+            prefill_mask[:, -1] = True
+
+        running = self._view.plan
+        self._hook(plan)
+        self._view.plan = plan  # the prefill runs the new rows alone
+        try:
+            self._pm.mask = prefill_mask
+            position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+            o = self.net(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        finally:
+            self._view.plan = running
+        past, logits = _cache_of(o), o.logits[:, -1]
+        if not self.rows:
+            self._past, self._attn, self._logits, self._view.plan = past, attn, logits, plan
+            self._mergeable = _mergeable(past)
+        else:
+            Tr = self._attn.shape[1]
+            L = max(Tr, T)
+            for a, b in zip(self._past.layers, past.layers):
+                if not (a.is_initialized and b.is_initialized):
+                    if a.is_initialized or b.is_initialized:  # pragma: no cover - KV-shared layers differ
+                        raise SteerkitError("this model's KV cache cannot take rows into a running batch")
+                    continue
+                a.keys = torch.cat([_lpad(a.keys, L - Tr, -2), _lpad(b.keys, L - T, -2)])
+                a.values = torch.cat([_lpad(a.values, L - Tr, -2), _lpad(b.values, L - T, -2)])
+            self._attn = torch.cat([_lpad(self._attn, L - Tr, -1), _lpad(attn, L - T, -1)])
+            self._logits = torch.cat([self._logits, logits])
+            self._view.plan = _concat_plans(running, plan)
+        self.rows.extend(new)
+        return new
+
+    # --- one step --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Completion]:
+        """Sample every running row's next token (callbacks, stop strings, EOS, lengths), let
+        finished rows leave, and run one decode forward pass for the rest. Returns the rows
+        that finished in this step."""
+        live = self.rows
+        if not live:
+            return []
+        logits = self._logits
+        assert logits is not None
+        samp = [lv.sampling for lv in live]
+        gens = [lv.gen for lv in live]
+        want = any(lv.logprobs is not None for lv in live)
+        if all((x.temperature, x.top_p) == (samp[0].temperature, samp[0].top_p) for x in samp):
+            if want:
+                lp = torch.log_softmax(logits.float() / (samp[0].temperature or 1.0), dim=-1)
+            nxt = _sample(logits, samp[0], gens)
+        else:
+            if want:
+                temps = torch.tensor([x.temperature or 1.0 for x in samp], device=logits.device)[:, None]
+                lp = torch.log_softmax(logits.float() / temps, dim=-1)
+            nxt = _sample_rows(logits, samp, gens)
+        keep: list[int] = []
+        done: list[LiveRow] = []
+        for k, lv in enumerate(live):
+            t = int(nxt[k])
+            if lv.first_token_step is None:
+                lv.first_token_step = self.steps
+            if lv.logprobs is not None:
+                lv.lps.append(float(lp[k, t]))
+                if lv.logprobs > 0:
+                    v, i = lp[k].topk(lv.logprobs)
+                    lv.tops.append([(int(a), float(c)) for a, c in zip(i.tolist(), v.tolist())])
+            if t in self.eos:
+                lv.finish = "stop"
             else:
-                live = [samp[b] for b in alive]
-                if logprobs is not None:
-                    temps = torch.tensor([x.temperature or 1.0 for x in live], device=logits.device)[:, None]
-                    lp = torch.log_softmax(logits.float() / temps, dim=-1)
-                nxt = _sample_rows(logits, live, gens)
-            keep: list[int] = []
-            for k, b in enumerate(alive):
-                t = int(nxt[k])
-                if logprobs is not None:
-                    lps[b].append(float(lp[k, t]))
-                    if logprobs > 0:
-                        v, i = lp[k].topk(logprobs)
-                        tops[b].append([(int(a), float(c)) for a, c in zip(i.tolist(), v.tolist())])
-                if t in eos:
-                    finish[b] = "stop"
+                lv.out.append(t)
+                if self.on_token is not None and self.on_token(lv.row, t, lv.out) is False:
+                    lv.finish = "cancelled"
+                elif self.stop and _hit_stop(self.model, lv.out, self.stop):
+                    lv.finish = "stop"
+                elif len(lv.out) < lv.sampling.max_new_tokens:
+                    keep.append(k)
                     continue
-                out[b].append(t)
-                if on_token is not None and on_token(batch.rows[b], t, out[b]) is False:
-                    finish[b] = "cancelled"
-                    continue
-                if stop_texts and _hit_stop(model, out[b], stop_texts):
-                    finish[b] = "stop"
-                    continue
-                if len(out[b]) >= samp[b].max_new_tokens:
-                    continue  # finish "length"
-                keep.append(k)
-            if not keep or step == max_new - 1:
-                break
-            if len(keep) < len(alive):  # compact the batch: finished rows leave the cache
-                sel = torch.tensor(keep, device=dev)
-                past = _select_cache(past, sel)
-                nxt = nxt[sel]
-                cur_attn = cur_attn[sel]
-                plan.keep_rows(torch.tensor(keep))
-                gens = [gens[k] for k in keep]
-                alive = [alive[k] for k in keep]
-            cur_attn = torch.cat([cur_attn, torch.ones((len(alive), 1), dtype=cur_attn.dtype, device=dev)], dim=1)
-            pos = (cur_attn.sum(-1, keepdim=True) - 1)
-            pm.mask = torch.full((len(alive), 1), step_on, dtype=torch.bool, device=dev)
-            o = net(input_ids=nxt[:, None], attention_mask=cur_attn, position_ids=pos, use_cache=True, **{cache_kw: past})
-            past = _cache_of(o)
-            logits = o.logits[:, -1]
-    completions = []
-    for b in range(B):
-        ids = out[b]
-        text = model.tokenizer.decode(ids, skip_special_tokens=True)
-        if stop_texts:
-            cut = min((text.find(t) for t in stop_texts if t in text), default=-1)
+                # else: finish "length"
+            done.append(lv)
+        completions = [self._complete(lv) for lv in done]
+        if not keep:
+            self._reset()
+            return completions
+        dev = self.dev
+        if len(keep) < len(live):  # compact the batch: finished rows leave the cache
+            sel = torch.tensor(keep, device=dev)
+            self._past = _select_cache(self._past, sel)
+            nxt = nxt[sel]
+            self._attn = self._attn[sel]
+            self._view.plan.keep_rows(torch.tensor(keep))
+            self.rows = [live[k] for k in keep]
+            if self.trim and self._mergeable:
+                self._trim()
+        attn = torch.cat([self._attn, torch.ones((len(self.rows), 1), dtype=self._attn.dtype, device=dev)], dim=1)
+        pos = attn.sum(-1, keepdim=True) - 1
+        self._pm.mask = torch.full((len(self.rows), 1), self.step_on, dtype=torch.bool, device=dev)
+        o = self.net(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{self.cache_kw: self._past})
+        self._past, self._attn, self._logits = _cache_of(o), attn, o.logits[:, -1]
+        self.steps += 1
+        return completions
+
+    def _trim(self) -> None:
+        """Drop leading cache columns that are padding for every running row."""
+        assert self._attn is not None
+        lead = int((self._attn.sum(0) == 0).long().cumprod(0).sum())
+        if lead == 0:
+            return
+        for layer in self._past.layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys[..., lead:, :]
+                layer.values = layer.values[..., lead:, :]
+        self._attn = self._attn[:, lead:]
+
+    def _complete(self, lv: LiveRow) -> Completion:
+        text = self.model.tokenizer.decode(lv.out, skip_special_tokens=True)
+        if self.stop:
+            cut = min((text.find(t) for t in self.stop if t in text), default=-1)
             if cut >= 0:
                 text = text[:cut]
-        completions.append(
-            Completion(
-                row=batch.rows[b],
-                text=text,
-                token_ids=ids,
-                finish_reason=finish[b],
-                seed=batch.seeds[b],
-                prompt_tokens=len(batch.ids[b]),
-                logprobs=lps[b] if logprobs is not None else None,
-                top_logprobs=tops[b] if logprobs else None,
-            )
+        lv.completion = Completion(
+            row=lv.row,
+            text=text,
+            token_ids=lv.out,
+            finish_reason=lv.finish,
+            seed=lv.seed,
+            prompt_tokens=len(lv.ids),
+            logprobs=lv.lps if lv.logprobs is not None else None,
+            top_logprobs=lv.tops if lv.logprobs else None,
         )
-    return completions
+        return lv.completion
 
 
 def _cache_kwarg(net: torch.nn.Module) -> str:

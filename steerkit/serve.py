@@ -6,7 +6,8 @@ Endpoints: ``POST /v1/chat/completions`` (streaming SSE and not; ``n``, ``max_to
 ``{"direction", "mode": add|clamp|ablate, "strength", "layer"?, "raw"?}``, which replaces the
 server's default steering (``[]`` turns it off); the steering applied is echoed in a top-level
 ``steering`` field, and the seed used in ``seed``. Every request is handed to the
-:class:`~steerkit.scheduler.Scheduler`, whose one worker thread batches concurrent requests.
+:class:`~steerkit.scheduler.Scheduler`, whose one worker thread batches concurrent requests
+(continuous batching: a request joins the running batch at the next decode step).
 
 Bad requests get OpenAI's error object ``{"error": {"message", "type", "param", "code"}}`` with
 a 4xx status. Directions in requests are names looked up like ``steerkit generate`` does
@@ -54,6 +55,7 @@ class ServeConfig:
     steering: tuple[Intervention, ...] = ()  # default for requests that send none
     allow_paths: bool = False  # let requests name direction files by path
     any_model: bool = False
+    continuous: bool = True  # requests join the running batch between decode steps; False: static batches
 
     def __post_init__(self) -> None:
         for k in ("max_batch", "max_queue", "max_body_bytes", "default_max_tokens", "max_n"):
@@ -338,7 +340,8 @@ def _usage(req: ChatRequest, results: Sequence[ChoiceResult]) -> dict[str, int]:
 def create_app(model: Any, config: ServeConfig = ServeConfig()) -> FastAPI:
     """The FastAPI app serving ``model`` (a LoadedModel). Its worker starts with the first request
     (or at startup under a server that runs lifespan events) and stops at shutdown."""
-    sched = Scheduler(model, max_batch=config.max_batch, max_queue=config.max_queue, positions=config.positions, batch_wait=config.batch_wait)
+    sched = Scheduler(model, max_batch=config.max_batch, max_queue=config.max_queue, positions=config.positions, batch_wait=config.batch_wait,
+                      continuous=config.continuous)
     resolver = SteeringResolver(model, config)
     tt = _TokenText(model.tokenizer)
     created = int(time.time())
@@ -377,7 +380,7 @@ def create_app(model: Any, config: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model.name, "queued_rows": sched.queued_rows(), **sched.stats}
+        return {"status": "ok", "model": model.name, "batching": "continuous" if config.continuous else "static", "queued_rows": sched.queued_rows(), **sched.stats}
 
     def model_card() -> dict[str, Any]:
         return {"id": model.name, "object": "model", "created": created, "owned_by": "steerkit"}
