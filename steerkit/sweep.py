@@ -379,6 +379,9 @@ def sweep_config(
         "judge": judge_name(judge),
         "max_incoherent": MAX_INCOHERENT,
     }
+    dtype = str(getattr(model, "dtype", "torch.float32")).removeprefix("torch.")
+    if dtype != "float32":  # a half-precision sweep never resumes onto a float32 folder (or back)
+        cfg["dtype"] = dtype
     err = getattr(judge, "error_rates", None)
     if err:  # the judge's held-out sensitivity and specificity: rates are also reported corrected for them
         cfg["judge_error"] = err

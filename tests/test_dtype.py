@@ -287,3 +287,22 @@ def test_device_auto_places_the_model_with_accelerate(tiny_dir):
     s = Sampling(max_new_tokens=4, temperature=0.0)
     plain, steered = generate(m, make_rows(CHATS[:1]), s), generate(m, make_rows(CHATS[:1], interventions=[iv]), s)
     assert plain[0].n_tokens > 0 and plain[0].token_ids != steered[0].token_ids
+
+
+def test_sweep_folder_remembers_half_precision(tiny, bf16, tmp_path):
+    """A bfloat16 sweep states its dtype; it does not resume onto a float32 folder, nor back."""
+    from steerkit import sweep as S
+    from steerkit.prompts import from_texts
+
+    d = direction(unit(3))
+    conds = S.make_conditions(d, "add", (0.0,), control=None)
+    qs = from_texts(["hello there"])
+    s = Sampling(max_new_tokens=3, temperature=0.0)
+    S.run_sweep(tiny, conds, qs, 1, s, None, tmp_path / "f32", batch_size=2)
+    assert "dtype" not in json.loads((tmp_path / "f32" / S.CONFIG).read_text())  # float32 folders read as before
+    with pytest.raises(SteerkitError, match=r"other settings \(dtype\)"):
+        S.run_sweep(bf16, conds, qs, 1, s, None, tmp_path / "f32", batch_size=2)
+    S.run_sweep(bf16, conds, qs, 1, s, None, tmp_path / "bf16", batch_size=2)
+    assert json.loads((tmp_path / "bf16" / S.CONFIG).read_text())["dtype"] == "bfloat16"
+    with pytest.raises(SteerkitError, match=r"other settings \(dtype\)"):
+        S.run_sweep(tiny, conds, qs, 1, s, None, tmp_path / "bf16", batch_size=2)
