@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import uvicorn
@@ -86,17 +87,25 @@ def direct(model, d, tokens: int) -> tuple[float, int]:
     return time.perf_counter() - t, sum(c.n_tokens for c in out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=2)
-    args = ap.parse_args()
+def bench_model() -> tuple[Any, Any, tempfile.TemporaryDirectory]:
+    """The default model and a random direction at layer 15 ("bench", seed 0), saved in a
+    temporary folder that requests can name it from (``$STEERKIT_DIRECTIONS``); keep the folder
+    object alive while the server runs."""
     model = load_model("smollm2-135m")
     m = median_token_norm(model, default_norm_chats(), 15)
     d = from_vector(torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)), name="bench", model=model, layer=15, kind="random", median_norm=m)
     tmp = tempfile.TemporaryDirectory()
     save_direction(d, Path(tmp.name) / "bench.safetensors")
     os.environ["STEERKIT_DIRECTIONS"] = tmp.name
+    return model, d, tmp
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=2)
+    args = ap.parse_args()
+    model, d, tmp = bench_model()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -28,7 +28,6 @@ import json
 import os
 import socket
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,10 +37,9 @@ import torch
 import uvicorn
 from openai import OpenAI
 
-from steerkit.activations import default_norm_chats, median_token_norm
-from steerkit.directions import from_vector, save_direction
-from steerkit.models import load_model
 from steerkit.serve import ServeConfig, create_app
+
+from bench_serve import bench_model  # this folder: python bench/bench_serve_stagger.py
 
 OUT = Path(__file__).parent / "results" / "serve_continuous.json"
 PROMPTS = ["Write a long story about a dragon who learns to bake bread.", "Explain in detail how a steam engine works.",
@@ -172,12 +170,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
     t_start = time.perf_counter()
-    model = load_model("smollm2-135m")
-    m = median_token_norm(model, default_norm_chats(), 15)
-    d = from_vector(torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)), name="bench", model=model, layer=15, kind="random", median_norm=m)
-    tmp = tempfile.TemporaryDirectory()
-    save_direction(d, Path(tmp.name) / "bench.safetensors")
-    os.environ["STEERKIT_DIRECTIONS"] = tmp.name
+    model, _, tmp = bench_model()  # the same model and "bench" direction as bench_serve.py
     mb = max(args.clients, args.long_rows + 1)
     servers = {"continuous": Server(model, ServeConfig(max_batch=mb, continuous=True)), "static": Server(model, ServeConfig(max_batch=mb, continuous=False))}
     late: dict[str, list[dict[str, Any]]] = {k: [] for k in servers}

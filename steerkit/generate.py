@@ -265,31 +265,6 @@ class _PlanView:
         return self.plan.apply(layer, x, pos_mask)
 
 
-def _concat_plans(a: SteeringPlan, b: SteeringPlan) -> SteeringPlan:
-    """The plan of a batch whose rows are ``a``'s followed by ``b``'s (slots merged by key; a
-    row is left exactly alone by the slots it does not carry)."""
-    from steerkit.interventions import _Slot
-
-    if a.n_rows == 0:
-        return b
-    na, nb = a.n_rows, b.n_rows
-
-    def rows_of(s: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (s.values.expand(n), s.active.expand(n)) if s.values.shape[0] == 1 and n > 1 else (s.values, s.active)
-
-    out = SteeringPlan(n_rows=na + nb)
-    bs = {s.proto.key(): s for s in b.slots}
-    for s in a.slots:
-        va, aa = rows_of(s, na)
-        t = bs.pop(s.proto.key(), None)
-        vb, ab = rows_of(t, nb) if t is not None else (torch.zeros(nb), torch.zeros(nb, dtype=torch.bool))
-        out.slots.append(_Slot(s.proto, torch.cat([va, vb]), torch.cat([aa, ab]), s.sae, s.basis))
-    for s in bs.values():
-        vb, ab = rows_of(s, nb)
-        out.slots.append(_Slot(s.proto, torch.cat([torch.zeros(na), vb]), torch.cat([torch.zeros(na, dtype=torch.bool), ab]), s.sae, s.basis))
-    return out
-
-
 def _lpad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     """``x`` with ``n`` zeros in front along ``dim`` (a negative dim)."""
     if n == 0:
@@ -460,7 +435,7 @@ class DecodeEngine:
                 a.values = torch.cat([_lpad(a.values, L - Tr, -2), _lpad(b.values, L - T, -2)])
             self._attn = torch.cat([_lpad(self._attn, L - Tr, -1), _lpad(attn, L - T, -1)])
             self._logits = torch.cat([self._logits, logits])
-            self._view.plan = _concat_plans(running, plan)
+            self._view.plan = running.concat(plan)
         self.rows.extend(new)
         return new
 

@@ -322,6 +322,29 @@ class SteeringPlan:
         self.slots = [_Slot(s.proto, s.values[idx], s.active[idx], s.sae, s.basis) for s in self.slots]
         self.n_rows = len(idx)
 
+    def concat(self, other: "SteeringPlan") -> "SteeringPlan":
+        """The plan of a batch whose rows are this plan's followed by ``other``'s (slots merged by
+        key; a row is left exactly alone by the slots it does not carry): rows joining a running
+        batch, the counterpart of :meth:`keep_rows`."""
+        if self.n_rows == 0:
+            return other
+        na, nb = self.n_rows, other.n_rows
+
+        def rows_of(s: _Slot, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return (s.values.expand(n), s.active.expand(n)) if s.values.shape[0] == 1 and n > 1 else (s.values, s.active)
+
+        out = SteeringPlan(n_rows=na + nb)
+        theirs = {s.proto.key(): s for s in other.slots}
+        for s in self.slots:
+            va, aa = rows_of(s, na)
+            t = theirs.pop(s.proto.key(), None)
+            vb, ab = rows_of(t, nb) if t is not None else (torch.zeros(nb), torch.zeros(nb, dtype=torch.bool))
+            out.slots.append(_Slot(s.proto, torch.cat([va, vb]), torch.cat([aa, ab]), s.sae, s.basis))
+        for s in theirs.values():
+            vb, ab = rows_of(s, nb)
+            out.slots.append(_Slot(s.proto, torch.cat([torch.zeros(na), vb]), torch.cat([torch.zeros(na, dtype=torch.bool), ab]), s.sae, s.basis))
+        return out
+
     def apply(self, layer: int, x: torch.Tensor, pos_mask: torch.Tensor | None) -> torch.Tensor:
         """Every slot on ``layer`` applied to ``x``; the arithmetic is float32 (at least) whatever
         ``x``'s dtype, and the result comes back in ``x``'s dtype (positions left alone exactly)."""
