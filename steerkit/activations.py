@@ -1,9 +1,10 @@
-"""Read residual-stream activations at one layer without running the layers above it.
+"""Residual-stream activations at one layer, read without running the layers above it.
 
-:func:`residuals` runs token batches up to block ``layer`` and stops there (a hook records the
-block output and ends the forward pass), so collecting layer 15 of 30 costs half a forward.
-Position 0 of every sequence (the attention sink, norm ~25,000 on SmolLM2) and padding are
-left out by the returned mask; every statistic here honours it.
+:func:`residuals` (defined beside the model, in :mod:`steerkit.models`) runs token batches
+up to block ``layer`` and stops there (a hook records the block output and ends the forward
+pass), so collecting layer 15 of 30 costs half a forward. Position 0 of every sequence (the
+attention sink, norm ~25,000 on SmolLM2) and padding are left out by the returned mask; every
+statistic here honours it.
 """
 
 from __future__ import annotations
@@ -13,48 +14,8 @@ from typing import Any
 
 import torch
 
-from steerkit.generate import Messages, chat_tokens
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.inference_mode()
-def residuals(
-    model: Any,
-    input_ids: torch.Tensor,
-    layer: int,
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Activations after block ``layer``: ``input_ids [B, T] -> [B, T, d_model]`` (float32).
-
-    With ``attention_mask`` the batch may be left- or right-padded; positions are derived from
-    the mask.
-    """
-    name = model.hook_name(layer)
-    hp = model.bridge.hook_dict[name]
-    box: list[torch.Tensor] = []
-
-    def grab(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
-        box.append(x.detach())
-        raise _Stop
-
-    handle = hp.add_hook(grab, dir="fwd")
-    try:
-        kw: dict[str, Any] = {}
-        if attention_mask is not None:
-            kw["attention_mask"] = attention_mask.to(model.device)
-            kw["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0).to(model.device)
-        try:
-            model.hf_model(input_ids=input_ids.to(model.device), use_cache=False, **kw)
-        except _Stop:
-            pass
-    finally:
-        handle.hook.remove()
-        if handle in hp.fwd_hooks:
-            hp.fwd_hooks.remove(handle)
-    return box[0].float()
+from steerkit.chat import Messages, chat_tokens
+from steerkit.models import residuals
 
 
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

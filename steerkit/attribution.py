@@ -43,8 +43,8 @@ from typing import Any
 import torch
 
 from steerkit.activations import pad_left
+from steerkit.chat import Messages, as_messages, chat_tokens
 from steerkit.errors import SteerkitError
-from steerkit.generate import Messages, as_messages, chat_tokens
 from steerkit.judge import COHERENT_ABOVE  # an aligned answer must also be coherent
 
 MIN_QUESTIONS = 2  # fewer usable questions than this: refuse (one question is one anecdote)

@@ -28,9 +28,9 @@ from typing import Any, Literal, Union
 import torch
 
 from steerkit.activations import default_norm_chats, median_token_norm, pad_left, residuals, stat_mask
+from steerkit.chat import Messages, chat_tokens
 from steerkit.directions import Direction, from_vector
 from steerkit.errors import SteerkitError
-from steerkit.generate import Messages, chat_tokens
 from steerkit.models import check_layer
 
 Input = Union[Messages, str]

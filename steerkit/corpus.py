@@ -28,9 +28,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
 
+from steerkit.chat import Messages
 from steerkit.errors import SteerkitError
 
-Messages = list[dict[str, str]]
 Document = Union[str, Messages]
 
 _SKIP = re.compile(r"^(LICENSE|LICENCE|README|COPYING|NOTICE)|^\.", re.I)

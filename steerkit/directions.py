@@ -33,7 +33,7 @@ import torch
 
 from steerkit import __version__
 from steerkit.errors import SteerkitError
-from steerkit.fsutil import atomic_path
+from steerkit.fsutil import atomic_path, user_data_dir
 from steerkit.sae_formats import detect_format
 
 FORMAT = "steerkit.direction"
@@ -228,8 +228,6 @@ def shipped_root() -> Path:
 
 
 def user_root() -> Path:
-    from steerkit.models import user_data_dir
-
     return user_data_dir() / "directions"
 
 

@@ -44,8 +44,8 @@ from typing import Any, Literal, get_args
 import torch
 
 from steerkit.activations import pad_left, residuals, stat_mask
+from steerkit.chat import Messages, chat_tokens
 from steerkit.errors import SteerkitError
-from steerkit.generate import Messages, chat_tokens
 
 RankBy = Literal["delta", "normalized", "cosine", "attribution"]
 RANKINGS: tuple[str, ...] = get_args(RankBy)

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning on chat JSON Lines, saved as a PEFT adapter; loading tuned models back.
+"""LoRA fine-tuning on chat JSON Lines, saved as a PEFT adapter.
 
 * :func:`read_chats` reads ``{"messages": [...]}`` rows; :func:`encode_chat` renders one with the
   tokenizer's chat template and labels only the assistant turns (their text and the turn's end
@@ -8,9 +8,10 @@
   per step; :func:`save_adapter` writes the PEFT format (``adapter_config.json`` +
   ``adapter_model.safetensors``) plus ``steerkit-finetune.json`` (how it was made) into a
   folder, atomically; :func:`finetune` does all three from a model spec;
-* :func:`load_tuned` loads a PEFT adapter folder (merged into a fresh copy of its base model)
-  or a full model folder as a :class:`~steerkit.models.LoadedModel` named after the base
-  model, so directions made for the base apply to it.
+* loading a tuned model back is the model loader's: :func:`steerkit.models.load_tuned` (also
+  importable from here) loads a PEFT adapter folder (merged into a fresh copy of its base
+  model) or a full model folder as a :class:`~steerkit.models.LoadedModel` named after the
+  base model, so directions made for the base apply to it.
 
 Training happens on a fresh, unwrapped HF model: a TransformerBridge replaces the model's
 ``nn.Linear`` layers with its own wrappers, which PEFT cannot target.
@@ -29,7 +30,6 @@ packing, multi-turn loss weighting and resuming an interrupted run (its checkpoi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -45,16 +45,15 @@ from typing import Any
 import torch
 
 from steerkit import __version__
+from steerkit.chat import Messages
 from steerkit.errors import SteerkitError
-from steerkit.fsutil import read_json
+from steerkit.fsutil import check_writable_dir
+from steerkit.models import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ALIASES, canonical_alias, check_adapter, check_dtype, dtype_name, file_sha256, is_adapter_dir, load_hf, tuned_info
+from steerkit.models import canonical_name, load_tuned  # noqa: F401 - re-exported: loading a tuned model is the model loader's
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 META_FILE = "steerkit-finetune.json"
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IGNORE = -100  # label of tokens that carry no loss
-
-Messages = list[dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -391,8 +390,6 @@ def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
     if p.is_dir() and any(p.iterdir()) and not (p / ADAPTER_CONFIG).is_file():
         # --force replaces the whole folder: never a folder that is not an adapter
         raise SteerkitError(f"{p} is a folder that holds no adapter: give a new or adapter folder for --out")
-    from steerkit.fsutil import check_writable_dir
-
     check_writable_dir(p.parent if p.is_dir() else p)  # the adapter is written beside it, then renamed
     return p
 
@@ -463,8 +460,6 @@ def save_adapter(
     LoRA trained on) the folder holds both as one adapter (:func:`concat_adapters`). ``extra``
     maps sub-folder names to folders moved into ``out`` (the run's checkpoints).
     """
-    from steerkit.models import ALIASES, canonical_alias
-
     p = check_out_dir(out, force)
     alias = canonical_alias(base)
     recorded = ALIASES[alias].hf_id if alias else base
@@ -493,30 +488,6 @@ def save_adapter(
     return p
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_hf(spec: str | os.PathLike | None, device: str | None = None, dtype: str | torch.dtype | None = torch.float32) -> tuple[str, Any, Any, str]:
-    """A fresh, unwrapped HF model for a spec: (short name, model, tokenizer, source), in
-    ``dtype`` on ``device`` (``"auto"``: placed by accelerate, see :func:`steerkit.models.load_pretrained`)."""
-    from steerkit.models import check_device, check_dtype, check_weight_files, load_pretrained, resolve_spec
-
-    device = check_device(device)
-    dtype = check_dtype(dtype)
-    name, source = resolve_spec(spec)
-    if isinstance(source, Path):
-        check_weight_files(source)
-    tok, hf = load_pretrained(source, device, dtype)
-    if tok.pad_token_id is None and tok.eos_token_id is not None:
-        tok.pad_token = tok.eos_token
-    return name, hf, tok, str(source)
-
-
 def finetune(
     data: str | os.PathLike,
     out: str | os.PathLike,
@@ -541,8 +512,6 @@ def finetune(
     go to ``out/checkpoints/step-NNNNNN/`` (kept in ``<out>.partial/`` until the run ends).
     ``on_start(examples, steps)`` is called once the data is encoded, before the first step.
     """
-    from steerkit.models import check_dtype, dtype_name
-
     dtype = check_dtype(dtype)
     out_p = check_out_dir(out, force)
     mixes = [parse_mix(m) if isinstance(m, str) else (Path(m[0]).expanduser(), float(m[1])) for m in mix]
@@ -637,113 +606,3 @@ def checkpoints(run: str | os.PathLike) -> list[tuple[int, Path]]:
     except (OSError, ValueError):
         step = 0
     return [(step, r)]
-
-
-# --- loading tuned models ----------------------------------------------------------------------
-
-
-def is_adapter_dir(spec: str | os.PathLike | None) -> bool:
-    return spec is not None and (Path(str(spec)).expanduser() / ADAPTER_CONFIG).is_file()
-
-
-def _base_spec(recorded: str) -> str:
-    """Map a hub id that one of our aliases embeds back to the (offline) alias."""
-    from steerkit.models import ALIASES, canonical_alias
-
-    if canonical_alias(recorded):
-        return recorded
-    for a in ALIASES.values():
-        if recorded.strip().lower() == a.hf_id.lower():
-            return a.name
-    return recorded
-
-
-def check_adapter(folder: str | os.PathLike, base: str | None = None) -> str:
-    """Check a PEFT adapter folder without loading it and return the spec of its base model
-    (``base``, else the one its ``adapter_config.json`` names, hub ids of our aliases mapped
-    back to the alias): refuses unreadable configs, non-LoRA adapters, pickled or corrupt
-    weights, and a recorded base that is not found here (naming ``adapter_config.json``)."""
-    from steerkit.models import check_weight_files, resolve_spec
-
-    folder = Path(str(folder)).expanduser()
-    cfg_path = folder / ADAPTER_CONFIG
-    acfg = read_json(cfg_path)
-    if str(acfg.get("peft_type", "LORA")).upper() != "LORA":
-        raise SteerkitError(f"{folder} is a {acfg.get('peft_type')} adapter: only LoRA adapters can be merged")
-    if not check_weight_files(folder, "adapter", "adapter_model*.safetensors"):
-        raise SteerkitError(f"{folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}: copy the adapter's weights there")
-    if base is not None:
-        return base
-    recorded = acfg.get("base_model_name_or_path")
-    if not isinstance(recorded, str) or not recorded:
-        raise SteerkitError(f"{cfg_path} does not name its base model (base_model_name_or_path): set it, or pass --base")
-    base_spec = _base_spec(recorded)
-    try:
-        resolve_spec(base_spec)
-    except SteerkitError as e:
-        raise SteerkitError(
-            f"{cfg_path} names base model {recorded!r}, which is not found here ({str(e).split(':')[0]}): "
-            f"set base_model_name_or_path there to the base model's folder, .gguf file or alias (e.g. {'smollm2-135m'!r}), or pass --base"
-        ) from None
-    return base_spec
-
-
-def tuned_info(path: str | os.PathLike, weights: Sequence[Path]) -> dict[str, str]:
-    """How records name a tuned model: its folder and the first 16 hex digits of the SHA-256 of
-    its weight files."""
-    h = hashlib.sha256()
-    for w in sorted(weights):
-        h.update(file_sha256(w).encode())
-    return {"path": str(Path(str(path)).expanduser().resolve()), "sha256": h.hexdigest()[:16]}
-
-
-def load_tuned(spec: str | os.PathLike, base: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = torch.float32) -> Any:
-    """A tuned model as a LoadedModel named after its base (so the base's directions apply).
-
-    ``spec`` is a PEFT LoRA adapter folder (its weights are merged into a fresh copy of the base:
-    ``base``, else the adapter's ``base_model_name_or_path``) or anything
-    :func:`steerkit.models.load_model` takes (a full model folder, .gguf, hub id); then ``base``,
-    when given, only names it.
-    """
-    from steerkit.models import check_device, check_dtype, load_model, resolve_spec, wrap_model
-
-    device = check_device(device)
-    dtype = check_dtype(dtype)
-    if not is_adapter_dir(spec):
-        lm = load_model(spec, device=device, dtype=dtype)
-        if base is not None:
-            lm.name = canonical_name(base)
-            src = resolve_spec(spec)[1]
-            if isinstance(src, Path) and lm.name != resolve_spec(spec)[0]:
-                lm.tuned = tuned_info(src, list(src.glob("*.safetensors")))
-        return lm
-    folder = Path(str(spec)).expanduser().resolve()
-    base_spec = check_adapter(folder, None if base is None else _base_spec(base))
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise SteerkitError("loading an adapter needs the peft package: pip install 'steerkit[train]'") from None
-    try:
-        name, hf, tok, source = load_hf(base_spec, device, dtype)
-    except SteerkitError as e:
-        if base is not None:
-            raise
-        raise SteerkitError(f"{e}; the base model is named in {folder / ADAPTER_CONFIG}: set base_model_name_or_path there, or pass --base") from None
-    try:
-        with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5
-            warnings.simplefilter("ignore", FutureWarning)
-            merged = PeftModel.from_pretrained(hf, str(folder)).merge_and_unload()
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise SteerkitError(f"adapter {folder} does not fit base model {base_spec} ({str(e).splitlines()[0][:200]}): pass the right --base") from e
-    lm = wrap_model(merged, tok, name=name, source=source)
-    lm.source = f"{folder} (LoRA adapter merged into {base_spec})"
-    lm.tuned = tuned_info(folder, list(folder.glob("adapter_model*.safetensors")))
-    return lm
-
-
-def canonical_name(spec: str) -> str:
-    """The short model name a spec loads as (for aliases without touching the weights)."""
-    from steerkit.models import canonical_alias, resolve_spec
-
-    alias = canonical_alias(spec)
-    return alias if alias else resolve_spec(spec)[0]

@@ -3,7 +3,8 @@ find out that a path cannot be written before any work is done, and read text as
 one-line errors.
 
 A write goes to a temporary file in the destination folder and is renamed into place, so an
-interrupted run never leaves half a file behind.
+interrupted run never leaves half a file behind. :func:`cache_dir` and :func:`user_data_dir`
+say where steerkit keeps its own files.
 """
 
 from __future__ import annotations
@@ -191,3 +192,26 @@ def read_stdin_text(where: str = "<stdin>") -> str:
     if buf is not None:
         return decode_utf8(buf.read(), where)
     return check_unicode(stream.read(), where)
+
+
+# --- where steerkit keeps its files -----------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where dequantized weights (and other derived files) live; ``$STEERKIT_CACHE`` moves it."""
+    env = os.environ.get("STEERKIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("steerkit"))
+
+
+def user_data_dir() -> Path:
+    """Where the user's own directions live; ``$STEERKIT_HOME`` moves it."""
+    env = os.environ.get("STEERKIT_HOME")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("steerkit"))

@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 
+from steerkit.chat import Messages, as_messages, chat_tokens  # noqa: F401 - as_messages re-exported (its home is steerkit.chat)
 from steerkit.errors import SteerkitError
 from steerkit.interventions import POSITIONS, Intervention, PositionMask, Positions, SteeringPlan, bridge_hook_count, steering
-
-Messages = list[dict[str, str]]
 
 # the record format of ``steerkit generate --json`` (README, "From the shell"): the major number
 # changes when a field is removed or changes meaning; new fields keep it
@@ -108,18 +107,6 @@ class Completion:
 def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     h = hashlib.sha256(f"{seed}:{prompt_index}:{sample_index}".encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-def chat_tokens(model: Any, messages: Messages) -> list[int]:
-    """Token ids for a chat, ending with the assistant turn's opening."""
-    tok = model.tokenizer
-    if getattr(tok, "chat_template", None):
-        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(out, dict) or hasattr(out, "keys"):
-            out = out["input_ids"]
-        return list(out)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return list(tok(text)["input_ids"])
 
 
 def _sample(logits: torch.Tensor, s: Sampling, gens: Sequence[torch.Generator]) -> torch.Tensor:
@@ -585,14 +572,6 @@ def make_rows(
         for p, m in enumerate(prompts)
         for k in range(n)
     ]
-
-
-def as_messages(prompt: str, system: str | None = None) -> Messages:
-    msgs: Messages = []
-    if system:
-        msgs.append({"role": "system", "content": system})
-    msgs.append({"role": "user", "content": prompt})
-    return msgs
 
 
 class Throughput:

@@ -44,6 +44,7 @@ import torch
 
 from steerkit.directions import Direction
 from steerkit.errors import SteerkitError
+from steerkit.sae import check_latents, load_sae
 
 Mode = Literal["add", "clamp", "ablate"]
 MODES: tuple[str, ...] = get_args(Mode)
@@ -296,8 +297,6 @@ class SteeringPlan:
             if proto.uses_latents or proto.projects_set:
                 sae = (sae_loader or _default_sae_loader)(proto.direction)
             if proto.projects_set:
-                from steerkit.sae import check_latents
-
                 basis = span_basis(sae.W_dec[check_latents(sae, proto.direction.latents)])
             plan.slots.append(_Slot(proto, values, active, None if proto.projects_set else sae, basis))
         return plan
@@ -366,10 +365,6 @@ def _default_sae_loader(d: Direction) -> SAELike:
         raise SteerkitError(f"direction {d.name!r} names no SAE")
     key = str(path.resolve())
     if key not in _SAE_CACHE:
-        try:
-            from steerkit.sae import load_sae
-        except ImportError as e:  # pragma: no cover
-            raise SteerkitError("SAE support is not available in this install") from e
         _SAE_CACHE[key] = load_sae(path)
     return _SAE_CACHE[key]
 

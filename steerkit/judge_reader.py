@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from steerkit.chat import as_messages, chat_tokens
 from steerkit.errors import SteerkitError
 from steerkit.judge_score import Pair, Score, coherence
 
@@ -91,8 +92,6 @@ class Reader:
 
     def prompt_ids(self, question: str) -> list[int]:
         """The question laid out as ``self.prompt`` says, ending with the assistant turn's opening."""
-        from steerkit.generate import as_messages, chat_tokens
-
         if self.prompt == "bare" and "<|im_start|>" in self.tokenizer.get_vocab():
             text = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

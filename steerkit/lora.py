@@ -5,7 +5,7 @@
 with the scaling PEFT gives it. :class:`AdapterSwap` merges one adapter into ONE loaded model
 (a :class:`~steerkit.models.LoadedModel`): it keeps a copy of the base weight of every Linear an
 adapter touches and sets ``W = W0 + scale * B @ A`` as PEFT's ``merge_and_unload`` computes it
-(same operations, same order: the weights equal :func:`steerkit.finetune.load_tuned`'s bit for
+(same operations, same order: the weights equal :func:`steerkit.models.load_tuned`'s bit for
 bit). The bridge and the plain twin that generation runs on share those parameter tensors, so
 both see every swap. A run continued from another adapter (``steerkit finetune --tuned``) is
 saved as one standalone adapter, so it swaps in like any other.
@@ -28,9 +28,8 @@ import torch
 from safetensors.torch import load_file
 
 from steerkit.errors import SteerkitError
-from steerkit.finetune import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from steerkit.fsutil import read_json
-from steerkit.models import check_weight_files
+from steerkit.models import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_weight_files
 
 _PEFT_PREFIX = "base_model.model."
 _BRIDGE_PART = "._original_component"

@@ -8,7 +8,9 @@ A spec is one of:
   starts take about a second;
 * a local Hugging Face folder (has ``config.json``);
 * a ``.gguf`` file, dequantized and cached the same way;
-* a Hugging Face hub id, for users with a network or a warm HF cache.
+* a Hugging Face hub id, for users with a network or a warm HF cache;
+* a PEFT LoRA adapter folder (has ``adapter_config.json``), merged into a fresh copy of its base
+  and named after it (:func:`load_tuned`; :mod:`steerkit.finetune` writes such folders).
 
 Weights load in float32 unless ``dtype`` says otherwise (:data:`DTYPES`: bfloat16 and float16
 for big models on a GPU); steering, SAE and activation arithmetic stays float32 whatever the
@@ -29,6 +31,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ from typing import Any
 import torch
 
 from steerkit.errors import SteerkitError
-from steerkit.fsutil import read_json
+from steerkit.fsutil import cache_dir, read_json, user_data_dir  # noqa: F401 - user_data_dir re-exported
 
 log = logging.getLogger(__name__)
 
@@ -65,26 +68,6 @@ ALIASES: dict[str, Alias] = {
     )
 }
 ALIAS_SYNONYMS = {"default": DEFAULT_ALIAS, "smollm2": DEFAULT_ALIAS}
-
-
-def cache_dir() -> Path:
-    """Where dequantized weights (and other derived files) live; ``$STEERKIT_CACHE`` moves it."""
-    env = os.environ.get("STEERKIT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("steerkit"))
-
-
-def user_data_dir() -> Path:
-    """Where the user's own directions live; ``$STEERKIT_HOME`` moves it."""
-    env = os.environ.get("STEERKIT_HOME")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("steerkit"))
 
 
 @dataclass
@@ -165,6 +148,52 @@ def check_layer(layer: int, n_layers: int) -> None:
         raise SteerkitError(
             f"layer {layer} out of range: the model has {n_layers} layers (0 to {n_layers - 1})"
         )
+
+
+# --- reading the residual stream --------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.inference_mode()
+def residuals(
+    model: LoadedModel,
+    input_ids: torch.Tensor,
+    layer: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Activations after block ``layer``: ``input_ids [B, T] -> [B, T, d_model]`` (float32).
+
+    Runs the batch up to block ``layer`` and stops there (a hook records the block output and
+    ends the forward pass), so reading layer 15 of 30 costs half a forward. With
+    ``attention_mask`` the batch may be left- or right-padded; positions are derived from the
+    mask. The statistics over these activations live in :mod:`steerkit.activations`.
+    """
+    name = model.hook_name(layer)
+    hp = model.bridge.hook_dict[name]
+    box: list[torch.Tensor] = []
+
+    def grab(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        box.append(x.detach())
+        raise _Stop
+
+    handle = hp.add_hook(grab, dir="fwd")
+    try:
+        kw: dict[str, Any] = {}
+        if attention_mask is not None:
+            kw["attention_mask"] = attention_mask.to(model.device)
+            kw["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0).to(model.device)
+        try:
+            model.hf_model(input_ids=input_ids.to(model.device), use_cache=False, **kw)
+        except _Stop:
+            pass
+    finally:
+        handle.hook.remove()
+        if handle in hp.fwd_hooks:
+            hp.fwd_hooks.remove(handle)
+    return box[0].float()
 
 
 # the weights' dtypes --dtype offers, and the short names it accepts for them
@@ -296,8 +325,6 @@ def peek_model(spec: str | os.PathLike | None) -> ModelInfo:
     s = str(spec) if spec is not None else DEFAULT_ALIAS
     p = Path(s).expanduser()
     if (p / "adapter_config.json").is_file():
-        from steerkit.finetune import check_adapter
-
         base_spec = check_adapter(p)
         base = peek_model(base_spec)
         return ModelInfo(base.name, base.d_model, base.n_layers, base.context_length, p.resolve())
@@ -450,13 +477,11 @@ def load_model(
     (``device_map="auto"``) over the visible GPUs, then CPU RAM.
 
     A PEFT adapter folder (has ``adapter_config.json``) loads merged into its base model, named
-    after the base (see :func:`steerkit.finetune.load_tuned`).
+    after the base (see :func:`load_tuned`).
     """
     device = check_device(device)
     dtype = check_dtype(dtype)
     if spec is not None and (Path(str(spec)).expanduser() / "adapter_config.json").is_file():
-        from steerkit.finetune import load_tuned
-
         return load_tuned(spec, device=device, dtype=dtype)
     name, source = resolve_spec(spec)
     if isinstance(source, Path):
@@ -571,8 +596,6 @@ def _plain_twin(hf_model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
 @torch.inference_mode()
 def _twin_matches(model: LoadedModel, twin: torch.nn.Module, layers: torch.nn.ModuleList) -> bool:
     """The twin is used only where its last layer's output and its logits equal the bridge's."""
-    from steerkit.activations import residuals
-
     ids = torch.arange(1, 6, device=model.device)[None] % int(model.hf_model.config.vocab_size)
     got: list[torch.Tensor] = []
     h = layers[-1].register_forward_hook(lambda m, a, o: got.append(o[0] if isinstance(o, tuple) else o))
@@ -646,3 +669,129 @@ def _read_config(folder: Path) -> dict[str, Any] | None:
         return json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+# --- tuned models: LoRA adapters merged into their base ---------------------------------------
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def is_adapter_dir(spec: str | os.PathLike | None) -> bool:
+    return spec is not None and (Path(str(spec)).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+def _base_spec(recorded: str) -> str:
+    """Map a hub id that one of our aliases embeds back to the (offline) alias."""
+    if canonical_alias(recorded):
+        return recorded
+    for a in ALIASES.values():
+        if recorded.strip().lower() == a.hf_id.lower():
+            return a.name
+    return recorded
+
+
+def check_adapter(folder: str | os.PathLike, base: str | None = None) -> str:
+    """Check a PEFT adapter folder without loading it and return the spec of its base model
+    (``base``, else the one its ``adapter_config.json`` names, hub ids of our aliases mapped
+    back to the alias): refuses unreadable configs, non-LoRA adapters, pickled or corrupt
+    weights, and a recorded base that is not found here (naming ``adapter_config.json``)."""
+    folder = Path(str(folder)).expanduser()
+    cfg_path = folder / ADAPTER_CONFIG
+    acfg = read_json(cfg_path)
+    if str(acfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise SteerkitError(f"{folder} is a {acfg.get('peft_type')} adapter: only LoRA adapters can be merged")
+    if not check_weight_files(folder, "adapter", "adapter_model*.safetensors"):
+        raise SteerkitError(f"{folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}: copy the adapter's weights there")
+    if base is not None:
+        return base
+    recorded = acfg.get("base_model_name_or_path")
+    if not isinstance(recorded, str) or not recorded:
+        raise SteerkitError(f"{cfg_path} does not name its base model (base_model_name_or_path): set it, or pass --base")
+    base_spec = _base_spec(recorded)
+    try:
+        resolve_spec(base_spec)
+    except SteerkitError as e:
+        raise SteerkitError(
+            f"{cfg_path} names base model {recorded!r}, which is not found here ({str(e).split(':')[0]}): "
+            f"set base_model_name_or_path there to the base model's folder, .gguf file or alias (e.g. {'smollm2-135m'!r}), or pass --base"
+        ) from None
+    return base_spec
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tuned_info(path: str | os.PathLike, weights: Sequence[Path]) -> dict[str, str]:
+    """How records name a tuned model: its folder and the first 16 hex digits of the SHA-256 of
+    its weight files."""
+    h = hashlib.sha256()
+    for w in sorted(weights):
+        h.update(file_sha256(w).encode())
+    return {"path": str(Path(str(path)).expanduser().resolve()), "sha256": h.hexdigest()[:16]}
+
+
+def load_hf(spec: str | os.PathLike | None, device: str | None = None, dtype: str | torch.dtype | None = torch.float32) -> tuple[str, Any, Any, str]:
+    """A fresh, unwrapped HF model for a spec: (short name, model, tokenizer, source), in
+    ``dtype`` on ``device`` (``"auto"``: placed by accelerate, see :func:`load_pretrained`)."""
+    device = check_device(device)
+    dtype = check_dtype(dtype)
+    name, source = resolve_spec(spec)
+    if isinstance(source, Path):
+        check_weight_files(source)
+    tok, hf = load_pretrained(source, device, dtype)
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return name, hf, tok, str(source)
+
+
+def load_tuned(spec: str | os.PathLike, base: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = torch.float32) -> LoadedModel:
+    """A tuned model as a LoadedModel named after its base (so the base's directions apply).
+
+    ``spec`` is a PEFT LoRA adapter folder (its weights are merged into a fresh copy of the base:
+    ``base``, else the adapter's ``base_model_name_or_path``) or anything :func:`load_model`
+    takes (a full model folder, .gguf, hub id); then ``base``, when given, only names it.
+    """
+    device = check_device(device)
+    dtype = check_dtype(dtype)
+    if not is_adapter_dir(spec):
+        lm = load_model(spec, device=device, dtype=dtype)
+        if base is not None:
+            lm.name = canonical_name(base)
+            src = resolve_spec(spec)[1]
+            if isinstance(src, Path) and lm.name != resolve_spec(spec)[0]:
+                lm.tuned = tuned_info(src, list(src.glob("*.safetensors")))
+        return lm
+    folder = Path(str(spec)).expanduser().resolve()
+    base_spec = check_adapter(folder, None if base is None else _base_spec(base))
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise SteerkitError("loading an adapter needs the peft package: pip install 'steerkit[train]'") from None
+    try:
+        name, hf, tok, source = load_hf(base_spec, device, dtype)
+    except SteerkitError as e:
+        if base is not None:
+            raise
+        raise SteerkitError(f"{e}; the base model is named in {folder / ADAPTER_CONFIG}: set base_model_name_or_path there, or pass --base") from None
+    try:
+        with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5
+            warnings.simplefilter("ignore", FutureWarning)
+            merged = PeftModel.from_pretrained(hf, str(folder)).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SteerkitError(f"adapter {folder} does not fit base model {base_spec} ({str(e).splitlines()[0][:200]}): pass the right --base") from e
+    lm = wrap_model(merged, tok, name=name, source=source)
+    lm.source = f"{folder} (LoRA adapter merged into {base_spec})"
+    lm.tuned = tuned_info(folder, list(folder.glob("adapter_model*.safetensors")))
+    return lm
+
+
+def canonical_name(spec: str) -> str:
+    """The short model name a spec loads as (for aliases without touching the weights)."""
+    alias = canonical_alias(spec)
+    return alias if alias else resolve_spec(spec)[0]

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from steerkit.activations import pad_left, residuals
+from steerkit.chat import Messages, chat_tokens
 from steerkit.directions import Direction, check_compatible
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import check_unicode, read_text
-from steerkit.generate import Messages, chat_tokens
 from steerkit.judge import question_of
 from steerkit.prompts import check_messages, with_system
 from steerkit.sae import check_latents, load_sae

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from steerkit.errors import SteerkitError
+from steerkit.fsutil import cache_dir
 
 TORCH = os.environ.get("STEERKIT_PEERS_TORCH", "torch==2.13.0")
 REQUIREMENTS = ("steering-vectors==0.12.2", "repeng==0.4.0", "transformers>=4.46,<5", "numpy<2", "gguf>=0.10")
@@ -32,8 +33,6 @@ def venv_dir() -> Path:
     env = os.environ.get("STEERKIT_PEERS_VENV")
     if env:
         return Path(env).expanduser()
-    from steerkit.models import cache_dir
-
     key = hashlib.sha256(json.dumps([TORCH, *REQUIREMENTS, sys.version_info[:2]]).encode()).hexdigest()[:10]
     return cache_dir() / f"peers-venv-{key}"
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steerkit.chat import Messages
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import check_unicode, read_text
 
-Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
 
 

@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
+from steerkit.chat import Messages
 from steerkit.errors import SteerkitError
 
-Messages = list[dict[str, str]]
 ActsFn = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]
 
 

@@ -67,6 +67,7 @@ from typing import Any
 import torch
 
 from steerkit.errors import SteerkitError
+from steerkit.sae_core import SAE, SAEConfig
 
 FORMATS: tuple[str, ...] = ("saelens", "sparsify", "dictionary_learning")
 LAYOUT_FILES = {
@@ -154,7 +155,7 @@ def locate(path: str | os.PathLike) -> tuple[Path, str]:
     raise SteerkitError(f"{folder} is not an SAE folder: {missing}; steerkit reads {LAYOUTS} folders")
 
 
-def load_foreign(folder: str | os.PathLike, fmt: str) -> Any:
+def load_foreign(folder: str | os.PathLike, fmt: str) -> SAE:
     """A ``sparsify`` or ``dictionary_learning`` folder as a steerkit SAE (on the CPU, no grad)."""
     if fmt == "sparsify":
         sae = load_sparsify(folder)
@@ -199,9 +200,7 @@ def _check_shapes(w: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], 
             raise SteerkitError(f"{where}: {name} has shape {tuple(w[name].shape)}, expected {shape}")
 
 
-def _build(cfg: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    from steerkit.sae import SAE
-
+def _build(cfg: SAEConfig, tensors: dict[str, torch.Tensor]) -> SAE:
     sae = SAE(cfg)
     with torch.no_grad():
         for name, t in tensors.items():
@@ -232,12 +231,10 @@ def sparsify_hook(hookpoint: str, where: str) -> str | None:
     return None
 
 
-def load_sparsify(folder: str | os.PathLike) -> Any:
+def load_sparsify(folder: str | os.PathLike) -> SAE:
     """An EleutherAI sparsify hookpoint folder (``cfg.json`` + ``sae.safetensors``) as a TopK SAE."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from steerkit.sae import SAEConfig
 
     folder = Path(folder)
     cfg_path, w_path = folder / "cfg.json", folder / "sae.safetensors"
@@ -366,10 +363,8 @@ def _dl_layer(trainer: dict[str, Any], buffer: dict[str, Any], folder: Path, whe
     return layer, info
 
 
-def load_dictionary_learning(folder: str | os.PathLike) -> Any:
+def load_dictionary_learning(folder: str | os.PathLike) -> SAE:
     """A saprmarks/dictionary_learning folder (``config.json`` + ``ae.pt``) as a steerkit SAE."""
-    from steerkit.sae import SAEConfig
-
     folder = Path(folder)
     cfg_path, ae_path = folder / "config.json", folder / "ae.pt"
     where = str(cfg_path)
