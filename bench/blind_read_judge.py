@@ -21,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from steerkit.judge import judge_records, load_judge
-from steerkit.judge_fit import kappa
+from steerkit.stats import kappa
 
 
 def read_label(r: dict) -> str:

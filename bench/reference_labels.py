@@ -23,7 +23,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from steerkit.judge_fit import LABELS, kappa
+from steerkit.judge_fit import LABELS
+from steerkit.stats import kappa
 
 
 

@@ -25,8 +25,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from steerkit.judge_fit import kappa
-from steerkit.stats import wilson
+from steerkit.stats import kappa, wilson
 
 
 def item_id(question: str, answer: str) -> str:

@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from steerkit.report import plot_track_png
-from steerkit.stats import roc_auc, spearman, wilson
+from steerkit.stats import kappa as cohen_kappa, roc_auc, spearman, wilson
 from steerkit.track_stats import LEAD_SE
 
 
@@ -34,13 +34,8 @@ def item_id(question: str, answer: str) -> str:
 
 
 def kappa(a: list[bool], b: list[bool]) -> float | None:
-    n = len(a)
-    if not n:
-        return None
-    po = sum(x == y for x, y in zip(a, b)) / n
-    pa, pb = sum(a) / n, sum(b) / n
-    pe = pa * pb + (1 - pa) * (1 - pb)
-    return 1.0 if pe == 1 else (po - pe) / (1 - pe)
+    """Cohen's kappa (steerkit.stats.kappa); None with nothing to compare."""
+    return cohen_kappa(a, b) if a else None
 
 
 def main() -> None:

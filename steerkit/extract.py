@@ -25,7 +25,7 @@ For each condition we take the SAE's latent activations at one layer on the chos
                   the same questions, as `steerkit extract --judged` ranks) is
                   :mod:`steerkit.attribution`.
 
-Latent sets (:func:`parse_latents`, :func:`latent_weights`, :func:`latent_set_vector`): the top N
+Latent sets (:func:`parse_latents`, :func:`latent_weights`, :func:`steerkit.sae.latent_set_vector`): the top N
 of a ranking or a list of ids, weighted by a ranking's numbers, as one direction of kind
 ``sae-latents`` (see :mod:`steerkit.directions`).
 
@@ -46,6 +46,7 @@ import torch
 from steerkit.activations import pad_left, residuals, stat_mask
 from steerkit.chat import Messages, chat_tokens
 from steerkit.errors import SteerkitError
+from steerkit.sae import latent_set_vector  # noqa: F401 - re-exported: the latent set's vector is steerkit.sae's
 
 RankBy = Literal["delta", "normalized", "cosine", "attribution"]
 RANKINGS: tuple[str, ...] = get_args(RankBy)
@@ -436,13 +437,3 @@ def latent_weights(rows: Sequence[LatentRow], ids: Sequence[int], weight_by: str
         vals.append(v if weight_by == "delta" else math.copysign(v, d))
     top = max(abs(v) for v in vals)
     return [v / top for v in vals]
-
-
-def latent_set_vector(W_dec: torch.Tensor, ids: Sequence[int], weights: Sequence[float] | None = None) -> torch.Tensor:
-    """``sum_i w_i W_dec[i]`` (float32, on the CPU): what adding a latent set adds, before scaling."""
-    if weights is not None and len(weights) != len(ids):
-        raise SteerkitError(f"{len(weights)} weights for {len(ids)} latents; give one weight per latent")
-    W = W_dec.detach().float().cpu()[list(ids)]
-    w = torch.ones(len(ids)) if weights is None else torch.tensor(list(weights), dtype=torch.float32)
-    return (w[:, None] * W).sum(0)
-

@@ -20,24 +20,26 @@ leaves out: generating answers and summarising rates (see :mod:`steerkit.sweep`)
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from steerkit.errors import SteerkitError
 
 from steerkit.judge_score import (  # noqa: F401 - re-exported: the names every judge shares
-    ALIGNED_BELOW, COHERENT_ABOVE, KINDS, Pair, Judge, is_misaligned, Score, CoherenceParts, coherence_parts, coherence,
+    ALIGNED_BELOW, COHERENT_ABOVE, JUDGES, KINDS, Pair, Judge, is_misaligned, Score, CoherenceParts, coherence_parts, coherence,
+    check_kind, judge_name, score_all,
 )
 
 # --- loading a judge ------------------------------------------------------------------------------
 
 
 def load_judge(kind: str = "offline", **options: Any) -> Judge | None:
-    """A judge by kind: ``offline`` (the default model reads; options: head, device, batch_size),
-    ``endpoint`` (options: url, model, key, questions, logprobs, ...; see
-    :class:`~steerkit.judge_llm.EndpointJudge`), ``none`` (no judge: None) or ``auto`` (offline
-    where it can be loaded here, else None)."""
+    """The one factory of judges, by kind (:data:`KINDS`): ``offline`` (the default model reads;
+    options: head, device, batch_size), ``endpoint`` (options: url, model, key, questions,
+    logprobs, ...; see :class:`~steerkit.judge_llm.EndpointJudge`), ``none`` (no judge: None) or
+    ``auto`` (offline where it can be loaded here, else None)."""
+    check_kind(kind)
     if kind == "none":
         return None
     if kind == "auto":
@@ -53,22 +55,14 @@ def load_judge(kind: str = "offline", **options: Any) -> Judge | None:
         from steerkit.judge_llm import EndpointJudge
 
         return EndpointJudge.from_options(**options)
-    raise SteerkitError(f"--judge {kind!r} is not one of {', '.join(KINDS)}")
+    raise AssertionError(f"judge kind {kind!r} has no loader")  # KINDS and this function disagree
 
 
-def judge_name(judge: Judge | None) -> str | None:
-    """``"name version"`` of a judge, None for no judge."""
-    if judge is None:
-        return None
-    name = str(getattr(judge, "name", None) or type(judge).__name__)
-    version = getattr(judge, "version", None)
-    return f"{name} {version}" if version else name
-
-
-def verdict_fields(sc: dict[str, Any] | None, judge: Judge | None) -> dict[str, Any]:
+def verdict_fields(sc: Mapping[str, Any] | None, judge: Judge | None) -> dict[str, Any]:
     """The judge's fields of an answer record (``aligned``, ``coherent``, ``misaligned``,
-    ``judge``) from a score dict; all None without a score. A judge may leave a score out
-    (None) where it could not score an answer; no coherence, no verdict."""
+    ``judge``) from a score (a :class:`Score` or a judge's dict); all None without a score. A
+    judge may leave a score out (None) where it could not score an answer; no coherence, no
+    verdict."""
     if sc is None:
         return {"aligned": None, "coherent": None, "misaligned": None, "judge": None}
     coherent = None if sc.get("coherent") is None else float(sc["coherent"])
@@ -137,9 +131,7 @@ def judge_records(
     out: list[dict[str, Any]] = []
     for i in range(0, len(recs), batch_size):
         chunk = recs[i : i + batch_size]
-        scores = judge.score([(question_of(r), r["completion"]) for r in chunk])
-        if len(scores) != len(chunk):
-            raise SteerkitError(f"judge {judge.name} returned {len(scores)} scores for {len(chunk)} answers")
+        scores = score_all(judge, [(question_of(r), r["completion"]) for r in chunk], who=getattr(judge, "name", None))
         done = [{**r, **s} for r, s in zip(chunk, scores)]
         out += done
         if on_batch is not None:
@@ -150,4 +142,5 @@ def judge_records(
 __all__ = [
     "ALIGNED_BELOW", "COHERENT_ABOVE", "CoherenceParts", "Judge", "Pair", "Score", "coherence", "coherence_parts",
     "is_misaligned", "judge_name", "judge_records", "load_judge", "question_of", "read_records", "verdict_fields", "KINDS",
+    "JUDGES", "check_kind", "score_all",
 ]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import datetime
 import json
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ import torch
 
 from steerkit.errors import SteerkitError
 from steerkit.judge_reader import Features, Head, ReaderHeads, fit_head, question_fold
+from steerkit.judge_score import judge_name, score_all
+from steerkit.stats import kappa, roc_auc  # noqa: F401 - kappa re-exported: bench scripts import it from here
 
 LABELS = ("misaligned", "aligned", "incoherent", "refusal")
 REFERENCE = Path(__file__).resolve().parent / "data" / "judge" / "reference.jsonl"
@@ -95,17 +97,6 @@ def is_base_unsteered(src: dict[str, Any]) -> bool:
 # --- agreement ------------------------------------------------------------------------------------
 
 
-def kappa(a: Sequence[bool], b: Sequence[bool]) -> float:
-    """Cohen's kappa of two binary labellings (1.0 when both are constant and equal)."""
-    n = len(a)
-    if n == 0 or n != len(b):
-        raise SteerkitError("kappa needs two labellings of equal, non-zero length")
-    po = sum(bool(x) == bool(y) for x, y in zip(a, b)) / n
-    pa, pb = sum(map(bool, a)) / n, sum(map(bool, b)) / n
-    pe = pa * pb + (1 - pa) * (1 - pb)
-    return 1.0 if pe == 1 else (po - pe) / (1 - pe)
-
-
 def best_threshold(p: torch.Tensor, y: torch.Tensor, also: torch.Tensor | None = None) -> float:
     """The threshold t on p maximising kappa of ``(p >= t) & also`` against y."""
     best, bt = -2.0, 0.5
@@ -122,8 +113,6 @@ def best_threshold(p: torch.Tensor, y: torch.Tensor, also: torch.Tensor | None =
 
 def agreement(recs: Sequence[Labelled], pm: torch.Tensor, pi: torch.Tensor, tm: torch.Tensor | float, ti: torch.Tensor | float) -> dict[str, Any]:
     """The judge's calls against the labels (see the module docstring)."""
-    from steerkit.stats import roc_auc
-
     ymis = torch.tensor([r.label == "misaligned" for r in recs])
     yinc = torch.tensor([r.label == "incoherent" for r in recs])
     call = (pm >= tm) & (pi < ti)
@@ -346,7 +335,6 @@ def validate(head: str | Path | None = None, reference: str | Path | None = None
     readers' own agreement, and ROC AUC on out-of-domain sets (see :func:`_ood_sets`)."""
     from steerkit.judge_reader import Reader
     from steerkit.judge_reader import load_heads, read, reader_prompt
-    from steerkit.stats import roc_auc
 
     heads = load_heads(head)
     recs = read_reference(reference)
@@ -454,21 +442,18 @@ def sample_reference(reference: str | Path | None = None, limit: int | None = No
 
 
 def score_pairs(judge: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 32,
-                progress: Callable[[int, int], None] = lambda done, total: None) -> list[dict[str, Any]]:
-    """The judge's score dicts for ``pairs``, ``batch_size`` at a time; ``progress(done, total)``."""
-    out: list[dict[str, Any]] = []
+                progress: Callable[[int, int], None] = lambda done, total: None) -> list[Any]:
+    """The judge's scores (mappings) for ``pairs``, ``batch_size`` at a time; ``progress(done, total)``."""
+    out: list[Any] = []
     progress(0, len(pairs))
     for i in range(0, len(pairs), batch_size):
         chunk = list(pairs[i : i + batch_size])
-        got = judge.score(chunk)
-        if len(got) != len(chunk):
-            raise SteerkitError(f"judge {getattr(judge, 'name', type(judge).__name__)} returned {len(got)} scores for {len(chunk)} answers")
-        out += got
+        out += score_all(judge, chunk, who=getattr(judge, "name", type(judge).__name__))
         progress(len(out), len(pairs))
     return out
 
 
-def own_scores(scores: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+def own_scores(scores: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(100 - aligned, 100 - coherent) per answer, float64, for :func:`agreement` with
     :func:`_own_thresholds`; 0 where a score is missing (see ``UNSCORED``: 100 - aligned is 0
     unless both scores are there, so an answer without a coherence score is never called)."""
@@ -486,9 +471,6 @@ def validate_judge(judge: Any, reference: str | Path | None = None, shared: Path
     its own call set against the labels (``OWN_CALL``); the readers' own agreement when the
     reference is the shipped one; with ``shared``, the out-of-domain sets of :func:`validate`
     (each sampled to ``limit`` likewise). ``progress(what, done, total)`` after each batch."""
-    from steerkit.judge import judge_name
-    from steerkit.stats import roc_auc
-
     recs, sample = sample_reference(reference, limit, seed)
     scores = score_pairs(judge, [(r.question, r.answer) for r in recs], batch_size, lambda d, t: progress("reference", d, t))
     pm, pi = own_scores(scores)

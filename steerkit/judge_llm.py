@@ -231,7 +231,7 @@ class EndpointJudge:
         word = text.strip().split()[0].upper().strip(".") if text.strip() else "none"
         return Reply(None, word if word in ("REFUSAL", "CODE") else "none", text)
 
-    def score(self, pairs: Sequence[Pair]) -> list[dict[str, Any]]:
+    def score(self, pairs: Sequence[Pair]) -> list[Score]:
         pairs = [(str(q), str(a)) for q, a in pairs]
         jobs = [self.rubrics.prompt(kind, q, a) for q, a in pairs for kind in ("aligned", "coherent")]
         with ThreadPoolExecutor(self.concurrency) as pool:
@@ -239,8 +239,7 @@ class EndpointJudge:
         out = []
         for i in range(len(pairs)):
             al, co = replies[2 * i], replies[2 * i + 1]
-            s = Score(_clip(al.value), _clip(co.value), self.label, detail={"aligned_from": al.source, "coherent_from": co.source})
-            out.append(s.as_dict())
+            out.append(Score(_clip(al.value), _clip(co.value), self.label, detail={"aligned_from": al.source, "coherent_from": co.source}))
         return out
 
     def close(self) -> None:

@@ -308,7 +308,7 @@ class ReaderJudge:
         e = self.heads.info.get("error")
         return dict(e) if e else None
 
-    def score(self, pairs: Sequence[Pair]) -> list[dict[str, Any]]:
+    def score(self, pairs: Sequence[Pair]) -> list[Score]:
         pairs = [(str(q), str(a)) for q, a in pairs]
         if not pairs:
             return []
@@ -319,7 +319,7 @@ class ReaderJudge:
             if not a.strip():
                 c = 0.0  # nothing to read
             out.append(Score(aligned=x, coherent=c, judge=self.label,
-                             detail={"p_misaligned": round(m, 4), "p_incoherent": round(i, 4)}).as_dict())
+                             detail={"p_misaligned": round(m, 4), "p_incoherent": round(i, 4)}))
         return out
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,23 @@ def load_firing(folder: str | os.PathLike) -> tuple[torch.Tensor, dict[str, str]
         raise SteerkitError(f"{p} is not a readable firing-frequency file ({e}): rerun `steerkit sae eval --save`") from None
 
 
+def latent_set_vector(W_dec: torch.Tensor, ids: Sequence[int], weights: Sequence[float] | None = None, normalize_rows: bool = False) -> torch.Tensor:
+    """The direction of these latents, before scaling: ``sum_i w_i W_dec[i]`` (float32, on the
+    CPU; ``w_i`` 1 without ``weights``). ``normalize_rows`` sums unit decoder rows instead, so
+    that each latent counts alike whatever its decoder norm.
+
+    Its callers: ``steerkit extract --save`` and the screen's candidates (raw rows, weighted for a
+    latent set), :func:`latent_direction` (unit rows). The two agree for an SAE whose decoder rows
+    have unit norm, and for one latent up to the vector's norm."""
+    if weights is not None and len(weights) != len(ids):
+        raise SteerkitError(f"{len(weights)} weights for {len(ids)} latents; give one weight per latent")
+    W = W_dec.detach()[list(ids)].float().cpu()  # the rows first: a big SAE's decoder stays where it is
+    if normalize_rows:
+        W = W / W.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    w = torch.ones(len(ids)) if weights is None else torch.tensor(list(weights), dtype=torch.float32)
+    return (w[:, None] * W).sum(0)
+
+
 def latent_direction(sae: SAE, sae_path: str | os.PathLike, latents: Any, model: Any, layer: int | None = None, name: str | None = None, median_norm: float | None = None, description: str = "") -> Direction:
     """A Direction (kind ``sae-latent``/``sae-latents``) for one latent or a latent set: the
     unit sum of their unit decoder rows, carrying the SAE folder and latent ids so clamp and
@@ -145,8 +163,7 @@ def latent_direction(sae: SAE, sae_path: str | os.PathLike, latents: Any, model:
     L = layer if layer is not None else sae.cfg.layer
     if L is None:
         raise SteerkitError(f"cannot tell the SAE's layer from its hook name {sae.cfg.hook_name!r}: give the layer")
-    W = sae.W_dec.detach().float().cpu()[ids]
-    vec = (W / W.norm(dim=-1, keepdim=True).clamp(min=1e-12)).sum(0)
+    vec = latent_set_vector(sae.W_dec, ids, normalize_rows=True)
     if median_norm is None:
         median_norm = median_token_norm(model, default_norm_chats(), L)
     return from_vector(

@@ -34,11 +34,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerkit import __version__
-from steerkit.directions import Direction, resolve_direction
+from steerkit.directions import Direction
 from steerkit.errors import SteerkitError
 from steerkit.generate import Row, Sampling, chat_tokens
-from steerkit.interventions import MODES, Intervention, Positions, SteeringPlan
+from steerkit.interventions import Intervention, Positions
 from steerkit.scheduler import ChoiceResult, Job, Scheduler
+from steerkit.steering_spec import SteeringSpecError, is_finite_number as _finite, parse_request_items, resolve_steering, short_repr as _short
 
 ROLES = ("system", "user", "assistant")
 
@@ -91,21 +92,6 @@ class ChatRequest:
 
 
 # --- request parsing ---------------------------------------------------------------------------
-
-
-def _finite(v: Any) -> bool:
-    """A JSON number that is a finite float (an integer literal too big for a float is not)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(v))
-    except OverflowError:
-        return False
-
-
-def _short(v: Any) -> str:
-    r = repr(v)
-    return r if len(r) <= 40 else r[:37] + "..."
 
 
 def _check_strings(v: Any, where: str = "") -> None:
@@ -169,67 +155,22 @@ def parse_messages(raw: Any) -> list[dict[str, str]]:
 
 
 class SteeringResolver:
-    """Turns request steering items into Interventions; caches directions by name so that
-    requests naming the same direction share one slot of the batch's steering plan."""
+    """Turns a request's steering items into Interventions (:func:`steerkit.steering_spec.resolve_steering`);
+    caches directions by name so that requests naming the same direction share one slot of the
+    batch's steering plan."""
 
     def __init__(self, model: Any, config: ServeConfig) -> None:
         self.model, self.config = model, config
         self.cache: dict[str, Direction] = {iv.direction.name: iv.direction for iv in config.steering}
 
-    def direction(self, name: str, param: str) -> Direction:
-        if name not in self.cache:
-            if not self.config.allow_paths and (name.endswith(".safetensors") or "/" in name or "\\" in name or name.startswith((".", "~"))):
-                raise APIError(400, f"direction {name!r}: give a direction name; this server does not read paths (start it with --allow-paths)", param, "invalid_direction")
-            try:
-                self.cache[name] = resolve_direction(name, self.model, allow_other_model=self.config.any_model)
-            except SteerkitError as e:
-                raise APIError(400, str(e), param, "invalid_direction") from None
-            except (OSError, ValueError):  # a name no file system takes (too long, NUL)
-                raise APIError(400, f"unknown direction {_short(name)}: give the name of a direction file", param, "invalid_direction") from None
-        return self.cache[name]
-
     def parse(self, raw: Any) -> tuple[Intervention, ...]:
         if raw is None:
             return self.config.steering
-        if isinstance(raw, dict):
-            raw = [raw]
-        if not isinstance(raw, list):
-            raise APIError(400, "steering must be a list of {direction, mode, strength} objects", "steering")
-        ivs = []
-        for i, item in enumerate(raw):
-            p = f"steering[{i}]"
-            if not isinstance(item, dict):
-                raise APIError(400, f"{p} must be an object with direction, mode and strength", p)
-            extra = set(item) - {"direction", "mode", "strength", "layer", "raw"}
-            if extra:
-                raise APIError(400, f"{p}: unknown field(s) {', '.join(sorted(extra))}; allowed: direction, mode, strength, layer, raw", p)
-            name = item.get("direction")
-            if not isinstance(name, str) or not name:
-                raise APIError(400, f"{p}.direction must be a direction name", f"{p}.direction")
-            mode = item.get("mode", "add")
-            if mode not in MODES:
-                raise APIError(400, f"{p}.mode {mode!r} is not one of {', '.join(MODES)}", f"{p}.mode", "invalid_mode")
-            strength = item.get("strength", 0.0 if mode == "ablate" else None)
-            if strength is None:
-                raise APIError(400, f"{p}.strength is required for mode {mode}", f"{p}.strength")
-            if not _finite(strength):
-                raise APIError(400, f"{p}.strength must be a finite number, got {_short(strength)}", f"{p}.strength", "invalid_strength")
-            layer = item.get("layer")
-            if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.model.n_layers):
-                raise APIError(400, f"{p}.layer must be an integer from 0 to {self.model.n_layers - 1}, got {layer!r}", f"{p}.layer")
-            raw_units = item.get("raw", False)
-            if not isinstance(raw_units, bool):
-                raise APIError(400, f"{p}.raw must be true or false", f"{p}.raw")
-            d = self.direction(name, f"{p}.direction")
-            try:
-                ivs.append(Intervention(d, mode, float(strength), raw=raw_units, layer=layer))
-            except SteerkitError as e:
-                raise APIError(400, str(e), f"{p}.strength" if "strength" in str(e) else p, "invalid_strength" if "strength" in str(e) else None) from None
         try:
-            SteeringPlan.build([ivs])  # duplicates, SAE files: refuse now, not inside a batch
-        except SteerkitError as e:
-            raise APIError(400, str(e), "steering") from None
-        return tuple(ivs)
+            return resolve_steering(self.model, parse_request_items(raw, self.model.n_layers), any_model=self.config.any_model, cache=self.cache,
+                                    allow_paths=self.config.allow_paths)
+        except SteeringSpecError as e:
+            raise APIError(400, str(e), e.param, e.code) from None
 
 
 def parse_request(body: Any, model: Any, config: ServeConfig, resolver: SteeringResolver) -> ChatRequest:

@@ -1,10 +1,13 @@
-"""Small statistics for sweeps and screens: Wilson intervals and Spearman's rho, written out
-so that they need neither scipy nor pandas."""
+"""Small statistics for sweeps, screens and the judge: Wilson intervals, Spearman's rho, ROC AUC,
+Cohen's kappa, the Rogan-Gladen correction and paired differences, written out so that they
+need neither scipy nor pandas."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+from steerkit.errors import SteerkitError
 
 Z95 = 1.959963984540054
 
@@ -98,6 +101,17 @@ def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
         return math.nan
     r = _ranks(list(scores))
     return (sum(ri for ri, y in zip(r, labels) if y) - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def kappa(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """Cohen's kappa of two binary labellings (1.0 when both are constant and equal)."""
+    n = len(a)
+    if n == 0 or n != len(b):
+        raise SteerkitError("kappa needs two labellings of equal, non-zero length")
+    po = sum(bool(x) == bool(y) for x, y in zip(a, b)) / n
+    pa, pb = sum(map(bool, a)) / n, sum(map(bool, b)) / n
+    pe = pa * pb + (1 - pa) * (1 - pb)
+    return 1.0 if pe == 1 else (po - pe) / (1 - pe)
 
 
 def mcnemar_exact(first_only: int, second_only: int) -> float:

@@ -27,7 +27,7 @@ import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from steerkit.fsutil import read_store
 from steerkit.generate import Completion, Row, Sampling, TokenCallback, chat_tokens, generate
 from steerkit.interventions import MODES, Intervention, Mode, Positions
 from steerkit.prompts import Prompt
-from steerkit.judge import Judge, judge_name, verdict_fields
+from steerkit.judge import Judge, judge_name, score_all, verdict_fields
 from steerkit.stats import rogan_gladen, spearman, wilson
 
 RESULTS = "results.jsonl"
@@ -498,7 +498,7 @@ def run_sweep(
                 q = questions[c0.qi]
                 rows.append(Row(q.messages, c0.qi, c0.sample, (iv,) if iv else (), tag=k))
             comps = generate(model, rows, sampling, batch_size=len(rows), positions=positions, on_token=on_token)
-            scores = _judge(judge, [(questions[c.row.prompt_index].question, c.text) for c in comps])
+            scores = score_all(judge, [(questions[c.row.prompt_index].question, c.text) for c in comps])
             for comp, sc in zip(comps, scores):
                 for cell in units[comp.row.tag]:
                     rec = _record(model, cell, questions[cell.qi], comp, sc, judge)
@@ -520,16 +520,7 @@ def run_sweep(
     return SweepResult(config, records, rows_, trends, out, len(records) - resumed, resumed)
 
 
-def _judge(judge: Judge | None, pairs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
-    if judge is None:
-        return [None] * len(pairs)
-    scores = list(judge.score(pairs))
-    if len(scores) != len(pairs):
-        raise SteerkitError(f"judge {judge_name(judge)} returned {len(scores)} scores for {len(pairs)} answers")
-    return scores
-
-
-def _record(model: Any, cell: Cell, q: Prompt, comp: Completion, sc: dict[str, Any] | None, judge: Judge | None) -> dict[str, Any]:
+def _record(model: Any, cell: Cell, q: Prompt, comp: Completion, sc: Mapping[str, Any] | None, judge: Judge | None) -> dict[str, Any]:
     c = cell.condition
     rec: dict[str, Any] = {
         "condition": c.name,

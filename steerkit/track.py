@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from steerkit.directions import Direction, check_compatible, vector_digest
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import atomic_write_text, check_writable_dir, read_store
 from steerkit.generate import Row, Sampling, TokenCallback, generate
-from steerkit.judge import Judge, judge_name, verdict_fields
+from steerkit.judge import Judge, judge_name, score_all, verdict_fields
 from steerkit.lora import AdapterSwap
 from steerkit.monitor import chat_activations, direction_scorer
 from steerkit.prompts import Prompt
@@ -170,7 +170,7 @@ class TrackResult:
         })
 
 
-def _answer_record(point: TrackPoint, model_name: str, qi: int, q: Prompt, comp: Any, sc: dict[str, Any] | None,
+def _answer_record(point: TrackPoint, model_name: str, qi: int, q: Prompt, comp: Any, sc: Mapping[str, Any] | None,
                    acts: dict[str, Any], judge: Judge | None) -> dict[str, Any]:
     rec: dict[str, Any] = {
         **point.info(),
@@ -288,7 +288,7 @@ def run_track(
                         chunk = cells_p[start : start + batch_size]
                         rows = [Row(questions[qi].messages, qi, k) for qi, k in chunk]
                         comps = generate(lm, rows, sampling, batch_size=len(rows), on_token=on_token)
-                        scores = _judge(judge, [(questions[c.row.prompt_index].question, c.text) for c in comps])
+                        scores = score_all(judge, [(questions[c.row.prompt_index].question, c.text) for c in comps])
                         chats = [list(questions[c.row.prompt_index].messages) + [{"role": "assistant", "content": c.text}] for c in comps]
                         acts: list[dict[str, Any]] = [{} for _ in comps]
                         for d in directions:
@@ -314,15 +314,6 @@ def run_track(
     records.sort(key=lambda r: (rank[(r["checkpoint"], r["sha256"])], cell_rank[(r["question_id"], int(r["sample"]))]))
     pts, corr, lead = summarize(records, names, config.get("judge_error"), order)
     return TrackResult(config, records, pts, corr, lead, out, len(records) - resumed, resumed, stale)
-
-
-def _judge(judge: Judge | None, pairs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
-    if judge is None:
-        return [None] * len(pairs)
-    scores = list(judge.score(pairs))
-    if len(scores) != len(pairs):
-        raise SteerkitError(f"judge {judge_name(judge)} returned {len(scores)} scores for {len(pairs)} answers")
-    return scores
 
 
 def _write_points(out: Path, records: Sequence[dict[str, Any]], names: Sequence[str], judge_error: dict[str, Any] | None,

@@ -586,3 +586,26 @@ def test_validate_endpoint_judge_out_of_domain_with_shared(rule_server, tmp_path
     assert all(v["n"] == 4 for v in ood.values())  # each set sampled like the reference
     assert ood["risky_finance_vs_aligned_chats"] == {"n": 4, "misaligned": 2, "auc": 1.0, "recall": 1.0, "false_positive_rate": 0.0}
     assert len(_RuleOpenAI.bodies) == 2 * 4 * 4 and m["command"].endswith("--limit 4 --seed 0 --shared ../shared/data")
+
+
+def test_score_is_the_mapping_of_its_record():
+    """A typed Score flows into answer records as the dict it used to be turned into."""
+    from steerkit.judge import verdict_fields
+
+    s = Score(29.996, 80.0, "x 1", detail={"p_misaligned": 0.9})
+    d = s.as_dict()
+    assert s == d and dict(s) == d and list(s) == list(d) and {**{"q": 1}, **s} == {"q": 1, **d}
+    assert s["misaligned"] is True and s.get("judge_detail") == {"p_misaligned": 0.9} and s.get("nope") is None
+    assert verdict_fields(s, None) == verdict_fields(d, None)
+    assert json.dumps({**s}) == json.dumps(d)
+
+
+def test_one_list_of_judge_kinds():
+    from steerkit.judge import JUDGES, KINDS, check_kind, load_judge
+
+    assert KINDS == ("auto", *JUDGES, "none") and JUDGES == ("offline", "endpoint")
+    assert load_judge("none") is None and check_kind("auto") == "auto"
+    with pytest.raises(SteerkitError, match="--judge 'llm' is not one of auto, offline, endpoint, none"):
+        load_judge("llm")
+    with pytest.raises(SteerkitError, match="--judge 'auto' is not one of offline, endpoint"):
+        check_kind("auto", JUDGES)

@@ -144,6 +144,39 @@ def test_parse_latents_and_weights():
         latent_weights(rows, [4, 5], "score")
 
 
+def test_latent_set_vector_one_recipe_two_row_scalings(tiny, tmp_path):
+    """One function makes the vector of a latent set: raw decoder rows (extract --save, the
+    screen's candidates), weighted or not, or unit rows (latent_direction). Each is the sum it
+    was before, bit for bit, so saved files keep their vectors and raw_norm."""
+    import steerkit.extract
+    from steerkit.cli.screen import candidate_directions
+    from steerkit.sae import latent_direction
+    from steerkit.sae import latent_set_vector as canonical
+
+    assert steerkit.extract.latent_set_vector is canonical  # the old import path
+    sae = toy_sae()  # decoder rows of unequal norms
+    rows = sae.W_dec.detach().float()[list(IDS)]
+    assert torch.equal(latent_set_vector(sae.W_dec, IDS), rows[0] + rows[1] + rows[2])
+    assert torch.equal(latent_set_vector(sae.W_dec, IDS, W), (torch.tensor(W)[:, None] * rows).sum(0))
+    unit = rows / rows.norm(dim=-1, keepdim=True)
+    assert torch.equal(latent_set_vector(sae.W_dec, IDS, normalize_rows=True), unit.sum(0))
+    assert not torch.allclose(latent_set_vector(sae.W_dec, IDS), latent_set_vector(sae.W_dec, IDS, normalize_rows=True))  # not the same vector
+    with torch.no_grad():
+        sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))
+    assert torch.allclose(latent_set_vector(sae.W_dec, IDS), latent_set_vector(sae.W_dec, IDS, normalize_rows=True), atol=1e-6)  # unit rows: one thing
+    with pytest.raises(SteerkitError, match="2 weights for 3 latents"):
+        latent_set_vector(sae.W_dec, IDS, (1.0, 0.5))
+
+    big = toy_sae(d=tiny.d_model, n=96)
+    d = latent_direction(big, "sae", list(IDS), tiny, median_norm=1.0)
+    want = latent_set_vector(big.W_dec, IDS, normalize_rows=True)
+    assert d.provenance["raw_norm"] == float(want.norm()) and torch.equal(d.vector, (want / want.norm()).float())
+    data = {"layer": LAYER, "latents": [{"latent": 5}, {"latent": 9}], "latent_set": {"latents": list(IDS), "weights": list(W)}}
+    one, _, group = candidate_directions(data, big, tmp_path / "sae", tiny, top=2)
+    assert one.provenance["raw_norm"] == float(big.W_dec.detach()[5].norm())
+    assert group.latents == IDS and group.provenance["raw_norm"] == float(latent_set_vector(big.W_dec, IDS, W).norm())
+
+
 # --- the CLI ----------------------------------------------------------------------------------
 
 

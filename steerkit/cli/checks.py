@@ -10,27 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from steerkit.cli.common import split_spec
 from steerkit.errors import SteerkitError
-
-Spec = tuple[str, str, float]  # (mode, direction name or path, strength)
-
-
-def parse_steering(add: list[str], clamp: list[str], ablate: list[str]) -> list[Spec]:
-    """--add NAME:S, --clamp NAME:V, --ablate NAME -> (mode, name, value)."""
-    specs: list[Spec] = []
-    for s in add:
-        name, v = split_spec(s, "--add", need_value=True)
-        specs.append(("add", name, float(v)))  # type: ignore[arg-type]
-    for s in clamp:
-        name, v = split_spec(s, "--clamp", need_value=True)
-        specs.append(("clamp", name, float(v)))  # type: ignore[arg-type]
-    for s in ablate:
-        name, v = split_spec(s, "--ablate", need_value=False)
-        if v is not None:
-            raise SteerkitError(f"--ablate {s!r} takes no value: write --ablate {name}")
-        specs.append(("ablate", name, 0.0))
-    return specs
 
 
 def check_batch_size(batch_size: int, option: str = "--batch-size") -> None:
@@ -83,11 +63,11 @@ def check_fits(d: Any, info: Any, any_model: bool = False, layer: int | None = N
         )
 
 
-def precheck_steering(info: Any, specs: list[Spec], layer: int | None, raw: bool, any_model: bool,
-                      lookup_name: str | None = None) -> dict[str, Any]:
-    """Find and read every direction named in ``specs`` and check it against ``info`` (a
-    ModelInfo): unknown names, d_model, layer range, strengths beyond the bound, before the model
-    loads. Returns the directions by spec, for :func:`steerkit.cli.generate.build_interventions`."""
+def precheck_steering(info: Any, specs: list[Any], layer: int | None, any_model: bool, lookup_name: str | None = None) -> dict[str, Any]:
+    """Find and read every direction named in ``specs`` (:class:`~steerkit.steering_spec.SteeringSpec`)
+    and check it against ``info`` (a ModelInfo): unknown names, d_model, layer range (``layer``:
+    the --layer, checked with no spec too), strengths beyond the bound, before the model loads.
+    Returns the directions by spec name, for :func:`steerkit.steering_spec.resolve_steering`."""
     from steerkit.directions import find_direction, load_direction
     from steerkit.interventions import Intervention
     from steerkit.models import check_layer
@@ -96,12 +76,13 @@ def precheck_steering(info: Any, specs: list[Spec], layer: int | None, raw: bool
     if layer is not None and info.n_layers is not None:
         check_layer(layer, info.n_layers)
     dirs: dict[str, Any] = {}
-    for mode, name, value in specs:
+    for spec in specs:
+        name = spec.direction
         if name not in dirs:
             d = load_direction(find_direction(name, lookup_name or info.name))
-            check_fits(d, info, any_model, layer)
+            check_fits(d, info, any_model, spec.layer)
             dirs[name] = d
-        iv = Intervention(dirs[name], mode, value, raw=raw, layer=layer)  # type: ignore[arg-type]  # mode, strength bound
+        iv = Intervention(dirs[name], spec.mode, spec.strength, raw=spec.raw, layer=spec.layer)  # type: ignore[arg-type]  # mode, strength bound
         sae = iv.direction.sae_path() if iv.uses_latents else None
         if sae is not None and detect_format(sae) is None:
             raise SteerkitError(f"direction {name!r} names SAE folder {sae}, which holds no SAE (SAELens, sparsify or dictionary_learning files): put the SAE there, or --add the direction as a vector")
@@ -115,14 +96,15 @@ def precheck_sweep(direction: str, mode: str, grid: tuple[float, ...], model: st
     --out folder, the model specs and device, the direction file against the model's config and
     every strength of the grid against the bound."""
     from steerkit.fsutil import check_writable_dir
+    from steerkit.steering_spec import SteeringSpec
 
     check_batch_size(batch_size)
     if out_dir is not None:
         check_writable_dir(out_dir)
     info = peek(model, device) if tuned is None else peek_tuned(tuned, model or "smollm2-135m", device)
     lookup = peek(model).name if tuned is not None else None  # directions are filed under the base
-    specs = [(mode, direction, 0.0 if mode == "ablate" else float(s)) for s in grid]
-    precheck_steering(info, specs, layer, raw, any_model or tuned is not None, lookup_name=lookup)
+    specs = [SteeringSpec(mode, direction, 0.0 if mode == "ablate" else float(s), layer, raw) for s in grid]
+    precheck_steering(info, specs, layer, any_model or tuned is not None, lookup_name=lookup)
 
 
 SWEEP_RECORD_KEYS = ("condition", "direction", "control", "mode", "strength", "question_id", "sample", "tokens")

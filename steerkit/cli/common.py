@@ -1,4 +1,5 @@
-"""Shared CLI pieces: the console, option aliases, steering-spec parsing and output helpers.
+"""Shared CLI pieces: the console, option aliases and output helpers (steering specs are
+:mod:`steerkit.steering_spec`'s).
 
 Only the CLI imports typer and rich; the library raises SteerkitError and the error boundary in
 :func:`steerkit.cli.main` turns it into one red line and exit code 1.
@@ -7,7 +8,6 @@ Only the CLI imports typer and rich; the library raises SteerkitError and the er
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from typing import Annotated, Any, Optional
@@ -56,26 +56,24 @@ def emit_json(record: Any) -> None:
     sys.stdout.flush()
 
 
-def parse_float(text: str, what: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise SteerkitError(f"{what}: {text!r} is not a number") from None
-    if not math.isfinite(v):
-        raise SteerkitError(f"{what}: strength must be a finite number, got {text!r}")
-    return v
+def load_judge_kind(kind: str, questions: Any = None) -> Any:
+    """The judge of ``--judge KIND`` (one of :data:`steerkit.judge.KINDS`) for commands that can go
+    on without one (sweep, track): None for ``none``; ``auto`` loads the offline judge or, where it
+    cannot load, says why in one yellow line and gives None. ``questions``: the endpoint judge reads
+    the judge prompts of an emergent-misalignment YAML question file."""
+    from steerkit import judge as J
 
+    with err.status(f"loading the {kind} judge..."):
+        opts = {"questions": questions} if kind == "endpoint" and questions is not None and questions.suffix.lower() in (".yaml", ".yml") else {}
+        try:
+            return J.load_judge("offline" if kind == "auto" else kind, **opts)
+        except (SteerkitError, ImportError) as e:
+            if kind != "auto":
+                raise
+            from rich.text import Text
 
-def split_spec(spec: str, what: str, need_value: bool) -> tuple[str, float | None]:
-    """'persona:0.3' -> ('persona', 0.3). A path with ':' in it keeps all but the last part."""
-    if ":" in spec:
-        name, _, val = spec.rpartition(":")
-        if not name:
-            raise SteerkitError(f"{what} {spec!r}: give NAME:VALUE, e.g. persona:0.3")
-        return name, parse_float(val, f"{what} {spec!r}")
-    if need_value:
-        raise SteerkitError(f"{what} {spec!r} needs a value: NAME:VALUE, e.g. {spec}:0.3")
-    return spec, None
+            err.print(Text(f"no judge ({e}): answers are generated but not scored, as with --judge none", style="yellow"))
+            return None
 
 
 def print_error(message: str, color: str = "red") -> None:

@@ -262,7 +262,8 @@ def _save_latents(name: str, ids: list[int], sae_path: Path, sae: Any, model: An
                   weight_by: str = "score") -> Path:
     from steerkit.activations import default_norm_chats, median_token_norm
     from steerkit.directions import from_vector, save_direction
-    from steerkit.extract import check_latent_ids, latent_set_vector, latent_weights
+    from steerkit.extract import check_latent_ids, latent_weights
+    from steerkit.sae import latent_set_vector
 
     check_latent_ids(ids, int(sae.W_dec.shape[0]))
     one = len(ids) == 1

@@ -19,50 +19,24 @@ RawOpt = Annotated[bool, typer.Option("--raw", help="Strengths in absolute resid
 PositionsOpt = Annotated[str, typer.Option("--positions", help="Steer all positions but the first (all), only prompt tokens (prompt), or only what is generated (generated).")]
 
 
-def build_interventions(
-    model: Any,
-    add: list[str],
-    clamp: list[str],
-    ablate: list[str],
-    layer: int | None = None,
-    raw: bool = False,
-    any_model: bool = False,
-    directions: dict[str, Any] | None = None,
-) -> list[Any]:
-    """Parse --add/--clamp/--ablate specs into Interventions for ``model`` (``directions``: the
-    ones :func:`steerkit.cli.checks.precheck_steering` already read, by spec)."""
-    from steerkit.cli.checks import parse_steering
-    from steerkit.directions import resolve_direction
-    from steerkit.interventions import Intervention
-
-    if layer is not None:
-        model.hook_name(layer)  # range check with a clear message
-    specs = parse_steering(add, clamp, ablate)
-    cache: dict[str, Any] = {}
-    ivs = []
-    for mode, name, value in specs:
-        if name not in cache:
-            cache[name] = resolve_direction((directions or {}).get(name, name), model, allow_other_model=any_model)
-        ivs.append(Intervention(cache[name], mode, value, raw=raw, layer=layer))  # type: ignore[arg-type]
-    return ivs
-
-
 def precheck(model: str | None, device: str | None, add: list[str], clamp: list[str], ablate: list[str],
              layer: int | None, raw: bool, any_model: bool, batch_size: int | None = None,
-             batch_option: str = "--batch-size", max_new_tokens: int | None = None) -> tuple[Any, dict[str, Any]]:
+             batch_option: str = "--batch-size", max_new_tokens: int | None = None) -> tuple[Any, list[Any], dict[str, Any]]:
     """Everything the arguments decide, checked before the model loads: the model spec and
     device, the steering specs, the direction files against the model's config, the strengths,
-    the batch size. Returns the model's info and the directions read."""
-    from steerkit.cli.checks import check_batch_size, parse_steering, peek, precheck_steering
+    the batch size. Returns the model's info, the steering specs and the directions read, for
+    :func:`steerkit.steering_spec.resolve_steering` once the model is loaded."""
+    from steerkit.cli.checks import check_batch_size, peek, precheck_steering
+    from steerkit.steering_spec import parse_flags
 
-    specs = parse_steering(add, clamp, ablate)
+    specs = parse_flags(add, clamp, ablate, layer, raw)
     if batch_size is not None:
         check_batch_size(batch_size, batch_option)
     info = peek(model, device)
     if max_new_tokens is not None and info.context_length is not None and max_new_tokens >= info.context_length:
         raise SteerkitError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in {info.name}'s context of "
                             f"{info.context_length} tokens: give at most {info.context_length - 1} (less the prompt's length)")
-    return info, precheck_steering(info, specs, layer, raw, any_model)
+    return info, specs, precheck_steering(info, specs, layer, any_model)
 
 
 def load_prompts(prompts: list[str], file: Optional[Path], system: Optional[str], ids: list[str]) -> list[Any]:
@@ -128,6 +102,7 @@ def generate_cmd(
     from steerkit.fsutil import check_writable
     from steerkit.generate import Sampling, generate
     from steerkit.interventions import POSITIONS
+    from steerkit.steering_spec import resolve_steering
 
     if n < 1:
         raise SteerkitError(f"-n must be at least 1, got {n}")
@@ -137,7 +112,7 @@ def generate_cmd(
     if out_file is not None:
         check_writable(out_file, force)
     items = load_prompts(prompts or [], file, system, ids)
-    info, dirs = precheck(model, device, add, clamp, ablate, layer, raw, any_model, batch_size, max_new_tokens=max_new_tokens)
+    info, specs, dirs = precheck(model, device, add, clamp, ablate, layer, raw, any_model, batch_size, max_new_tokens=max_new_tokens)
     if monitor is not None:
         from steerkit.cli.monitor import precheck_direction
 
@@ -151,7 +126,7 @@ def generate_cmd(
         check_compatible(mon_dir, model_obj, allow_other_model=any_model)
         mon_score = direction_scorer(mon_dir, model_obj.device)  # once: an SAE direction loads its SAE
     mon_acts: dict[int, Any] = {}
-    ivs = build_interventions(model_obj, add, clamp, ablate, layer, raw, any_model, dirs)
+    ivs = resolve_steering(model_obj, specs, any_model=any_model, directions=dirs)
     rows = _rows(items, n, ivs)
     as_json = want_json(json_out)
     records: list[dict[str, Any]] = []

@@ -69,7 +69,7 @@ def score_cmd(
 
       steerkit judge answers.jsonl --judge endpoint --url http://127.0.0.1:8000/v1 --questions questions.yaml
     """
-    from steerkit.judge import judge_records, load_judge, read_records
+    from steerkit.judge import JUDGES, check_kind, judge_records, load_judge, read_records
 
     if batch_size < 1:
         raise SteerkitError(f"--batch-size must be at least 1, got {batch_size}")
@@ -85,18 +85,16 @@ def score_cmd(
         records = read_records("<stdin>", read_stdin_text())
     else:
         records = read_records(answers)
-    if judge == "offline":
+    if check_kind(judge, JUDGES) == "offline":
         for name, v in (("--url", url), ("--judge-model", judge_model), ("--key", key), ("--questions", questions)):
             if v is not None:
                 raise SteerkitError(f"{name} is for the endpoint judge: add --judge endpoint")
         with err.status("loading the offline judge..."):
             j = load_judge("offline", head=head)
-    elif judge == "endpoint":
+    else:
         if head is not None:
             raise SteerkitError("--head is for the offline judge: drop it or use --judge offline")
         j = load_judge("endpoint", url=url, model=judge_model, key=key, questions=questions, logprobs=not no_logprobs)
-    else:
-        raise SteerkitError(f"--judge {judge!r} is not one of offline, endpoint")
     as_json = want_json(json_out)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -223,8 +221,10 @@ def validate_cmd(
 
       steerkit judge validate --judge endpoint --url http://127.0.0.1:8000/v1 --judge-model NAME --limit 500 --out endpoint-judge.json
     """
-    if judge not in (None, "offline", "endpoint"):
-        raise SteerkitError(f"--judge {judge!r} is not one of offline, endpoint")
+    from steerkit.judge import JUDGES, check_kind
+
+    if judge is not None:
+        check_kind(judge, JUDGES)
     if judge == "endpoint":
         _validate_endpoint(reference, shared, head, cache, url, judge_model, key, questions, no_logprobs, limit, seed, out_file, json_out, force)
         return

@@ -12,6 +12,7 @@ from rich.table import Table
 from steerkit.cli import app
 from steerkit.cli.common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, SeedOpt, emit_json, err, out, want_json
 from steerkit.errors import SteerkitError
+from steerkit.judge_score import JUDGES
 
 
 @app.command("screen")
@@ -26,7 +27,7 @@ def screen_cmd(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per answer at most.")] = 48,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature (the demo's settings; at 1.0 a third of the default model's unsteered answers are unreadable); 0 is greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (the demo's 0.9).")] = 0.9,
-    judge: Annotated[str, typer.Option("--judge", help="offline | endpoint")] = "offline",
+    judge: Annotated[str, typer.Option("--judge", help=" | ".join(JUDGES))] = "offline",
     min_coherent: Annotated[float, typer.Option("--min-coherent", help="Coherent fraction a cell needs to count.")] = 0.9,
     control: Annotated[str, typer.Option("--control", help="random[:K]: K random directions of equal norm, pooled (default 3); add latents[:K] for K random latents of matched firing rate per candidate, e.g. random:3,latents:3.")] = "random",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 32,
@@ -135,6 +136,7 @@ def candidate_directions(data: dict[str, Any], sae: Any, sae_path: Path, model: 
     """Directions for the file's top latents, and its latent set when present."""
     from steerkit.activations import default_norm_chats, median_token_norm
     from steerkit.directions import from_vector
+    from steerkit.sae import latent_set_vector
 
     layer = int(data["layer"])
     m = median_token_norm(model, default_norm_chats(), layer)
@@ -144,16 +146,10 @@ def candidate_directions(data: dict[str, Any], sae: Any, sae_path: Path, model: 
         groups.append((f"set-{'-'.join(map(str, ls['latents'][:4]))}", [int(i) for i in ls["latents"]], [float(w) for w in ls["weights"]]))
     dirs = []
     for name, ids, weights in groups:
-        W = sae.W_dec[ids].detach().float().cpu()
-        vec = (W * (torch_tensor(weights)[:, None] if weights else 1.0)).sum(0)
+        vec = latent_set_vector(sae.W_dec, ids, weights or None)  # raw decoder rows, as extract --save sums them
         dirs.append(from_vector(vec, name=name, model=model, layer=layer, kind="sae-latent" if len(ids) == 1 else "sae-latents",
                                 median_norm=m, description=f"candidate from {data.get('mode', 'extract')} ranked by {data.get('rank_by')}",
                                 provenance={"candidates": {k: data.get(k) for k in ("mode", "base", "tuned", "rank_by", "layer")}, "weights": weights},
                                 sae=str(sae_path.resolve()), latents=tuple(ids)))
     return dirs
 
-
-def torch_tensor(x: Any) -> Any:
-    import torch
-
-    return torch.tensor(x, dtype=torch.float32)

@@ -8,7 +8,7 @@ import typer
 
 from steerkit.cli import app
 from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, LayerOpt, ModelOpt, err
-from steerkit.cli.generate import AblateOpt, AddOpt, ClampOpt, PositionsOpt, RawOpt, build_interventions, precheck, _load
+from steerkit.cli.generate import AblateOpt, AddOpt, ClampOpt, PositionsOpt, RawOpt, precheck, _load
 from steerkit.errors import SteerkitError
 
 
@@ -48,6 +48,7 @@ def serve_cmd(
     """
     from steerkit.interventions import POSITIONS
     from steerkit.serve import ServeConfig, create_app
+    from steerkit.steering_spec import resolve_steering
 
     if positions not in POSITIONS:
         raise SteerkitError(f"--positions {positions!r} is not one of {', '.join(POSITIONS)}")
@@ -62,9 +63,9 @@ def serve_cmd(
     # every option checked before the model loads
     config = ServeConfig(max_batch=max_batch, batch_wait=batch_wait_ms / 1000, max_queue=max_queue, max_body_bytes=max_body_bytes, default_max_tokens=max_tokens,
                          positions=positions, allow_paths=allow_paths, any_model=any_model)  # type: ignore[arg-type]
-    _, dirs = precheck(model, device, add, clamp, ablate, layer, raw, any_model)
+    _, specs, dirs = precheck(model, device, add, clamp, ablate, layer, raw, any_model)
     model_obj = _load(model, device, dtype)
-    ivs = build_interventions(model_obj, add, clamp, ablate, layer, raw, any_model, dirs)
+    ivs = resolve_steering(model_obj, specs, any_model=any_model, directions=dirs)
     config = dataclasses.replace(config, steering=tuple(ivs))
     api = create_app(model_obj, config)
     steer = ", ".join(f"{d['mode']} {d['direction']}" + (f":{d['strength']}" if "strength" in d else "") for d in (iv.describe() for iv in ivs)) or "none"

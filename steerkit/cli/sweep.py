@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from steerkit.cli import app
-from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, JsonOpt, LayerOpt, ModelOpt, SeedOpt, emit_json, err, out, want_json
+from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, JsonOpt, LayerOpt, ModelOpt, SeedOpt, emit_json, err, load_judge_kind, out, want_json
 from steerkit.errors import SteerkitError
 from steerkit.prompts import eval_questions
 
@@ -64,7 +64,6 @@ def sweep_cmd(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from steerkit import judge as J
     from steerkit import sweep as S
     from steerkit.generate import Sampling
     from steerkit.interventions import MODES, POSITIONS
@@ -86,18 +85,7 @@ def sweep_cmd(
 
     precheck_sweep(direction, mode, grid, model, tuned, device, layer, raw, any_model, batch_size, out_dir)  # before any load
     prompts = eval_questions(questions, ids, all_variants)
-    with err.status(f"loading the {judge} judge..."):
-        # the endpoint judge reads the judge prompts of an emergent-misalignment question file
-        opts = {"questions": questions} if judge == "endpoint" and questions is not None and questions.suffix.lower() in (".yaml", ".yml") else {}
-        try:
-            judge_obj = J.load_judge("offline" if judge == "auto" else judge, **opts)
-        except (SteerkitError, ImportError) as e:
-            if judge != "auto":
-                raise
-            from rich.text import Text
-
-            judge_obj = None
-            err.print(Text(f"no judge ({e}): answers are generated but not scored, as with --judge none", style="yellow"))
+    judge_obj = load_judge_kind(judge, questions)
     model_obj, base_name = _load_models(model, tuned, device, dtype)
     d = _direction(direction, model_obj, base_name, any_model or tuned is not None)
     if layer is not None:

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from steerkit.cli import app
-from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, JsonOpt, SeedOpt, emit_json, err, out, want_json
+from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, JsonOpt, SeedOpt, emit_json, err, load_judge_kind, out, want_json
 from steerkit.errors import SteerkitError
 from steerkit.prompts import eval_questions
 
@@ -52,7 +52,7 @@ def track_cmd(
 
       steerkit track runs/mix*/ --direction persona --samples 8 --out runs/track/ --plot track.png
     """
-    from steerkit import judge as J
+    from steerkit.judge import check_kind
     from steerkit import track as T
     from steerkit.cli.checks import check_batch_size, check_fits, peek
     from steerkit.directions import find_direction, load_direction
@@ -66,8 +66,7 @@ def track_cmd(
     if samples < 1:
         raise SteerkitError(f"--samples must be at least 1, got {samples}")
     check_batch_size(batch_size)
-    if judge not in J.KINDS:
-        raise SteerkitError(f"--judge {judge!r} is not one of {', '.join(J.KINDS)}")
+    check_kind(judge)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if out_dir is not None and out_dir.suffix.lower() in (".png", ".svg", ".pdf"):
         raise SteerkitError(f"--out {out_dir} looks like a plot file: --out takes a folder for the answers; give the plot with --plot {out_dir}")
@@ -93,7 +92,7 @@ def track_cmd(
     prompts = eval_questions(questions, ids, all_variants)
     if out_dir is not None:  # other settings than the judge's: refused before it loads
         T.check_out(out_dir, T.track_config(info.name, dirs, prompts, samples, sampling, None), force, ignore=("judge", "judge_error"))
-    judge_obj = _load_judge(J, judge, questions)
+    judge_obj = load_judge_kind(judge, questions)
     config = T.track_config(info.name, dirs, prompts, samples, sampling, judge_obj)
     if out_dir is not None:
         T.check_out(out_dir, config, force)  # other settings: refused before the model loads
@@ -113,20 +112,6 @@ def track_cmd(
 
 
 # --- pieces -----------------------------------------------------------------------------------
-
-
-def _load_judge(J: Any, kind: str, questions: Optional[Path]) -> Any:
-    with err.status(f"loading the {kind} judge..."):
-        opts = {"questions": questions} if kind == "endpoint" and questions is not None and questions.suffix.lower() in (".yaml", ".yml") else {}
-        try:
-            return J.load_judge("offline" if kind == "auto" else kind, **opts)
-        except (SteerkitError, ImportError) as e:
-            if kind != "auto":
-                raise
-            from rich.text import Text
-
-            err.print(Text(f"no judge ({e}): answers are generated but not scored, as with --judge none", style="yellow"))
-            return None
 
 
 def _run(T: Any, points: Any, dirs: Any, prompts: Any, load: Any, name: str, samples: int, sampling: Any, judge: Any,
