@@ -175,6 +175,8 @@ def test_latent_set_vector_one_recipe_two_row_scalings(tiny, tmp_path):
     one, _, group = candidate_directions(data, big, tmp_path / "sae", tiny, top=2)
     assert one.provenance["raw_norm"] == float(big.W_dec.detach()[5].norm())
     assert group.latents == IDS and group.provenance["raw_norm"] == float(latent_set_vector(big.W_dec, IDS, W).norm())
+    top = max(abs(w) for w in W)  # the set keeps its weights (largest 1), so a clamp of it pins each latent to its share
+    assert group.weights == tuple(w / top for w in W) and one.weights == ()
 
 
 # --- the CLI ----------------------------------------------------------------------------------

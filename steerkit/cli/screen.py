@@ -150,6 +150,7 @@ def candidate_directions(data: dict[str, Any], sae: Any, sae_path: Path, model: 
         dirs.append(from_vector(vec, name=name, model=model, layer=layer, kind="sae-latent" if len(ids) == 1 else "sae-latents",
                                 median_norm=m, description=f"candidate from {data.get('mode', 'extract')} ranked by {data.get('rank_by')}",
                                 provenance={"candidates": {k: data.get(k) for k in ("mode", "base", "tuned", "rank_by", "layer")}, "weights": weights},
-                                sae=str(sae_path.resolve()), latents=tuple(ids)))
+                                sae=str(sae_path.resolve()), latents=tuple(ids),
+                                weights=tuple(w / max(abs(x) for x in weights) for w in weights) if weights else ()))
     return dirs
 
