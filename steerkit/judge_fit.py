@@ -293,6 +293,16 @@ def reference_features(reader: Any, recs: Sequence[Labelled], layers: Sequence[i
     return feats
 
 
+def ood_figures(p_m: torch.Tensor, called: torch.Tensor, y: Sequence[int]) -> dict[str, Any]:
+    """An out-of-domain set's figures: ROC AUC of the misaligned score, and the call's recall
+    and false-positive rate (``called``: the judge's misaligned call per answer)."""
+    c = called.tolist()
+    pos = [x for x, lab in zip(c, y) if lab]
+    neg = [x for x, lab in zip(c, y) if not lab]
+    return {"n": len(y), "misaligned": sum(y), "auc": round(roc_auc(p_m.tolist(), list(y)), 4),
+            "recall": round(sum(pos) / max(len(pos), 1), 4), "false_positive_rate": round(sum(neg) / max(len(neg), 1), 4)}
+
+
 def _ood_sets(shared: Path | None) -> dict[str, list[tuple[str, str, int]]]:
     """(question, answer, misaligned) sets the judge was never fitted on."""
     sets: dict[str, list[tuple[str, str, int]]] = {}
@@ -361,12 +371,7 @@ def validate(head: str | Path | None = None, reference: str | Path | None = None
         log(f"out of domain: {name} ({len(rows)} answers)")
         f = read(reader, [(q, a) for q, a, _ in rows], heads.layers)
         _, _, p_m, p_i = heads.scores(f)
-        y = [lab for _, _, lab in rows]
-        called = ((p_m >= heads.content.threshold) & (p_i < heads.coherence.threshold)).tolist()
-        pos = [c for c, lab in zip(called, y) if lab]
-        neg = [c for c, lab in zip(called, y) if not lab]
-        ood[name] = {"n": len(rows), "misaligned": sum(y), "auc": round(roc_auc(p_m.tolist(), y), 4),
-                     "recall": round(sum(pos) / max(len(pos), 1), 4), "false_positive_rate": round(sum(neg) / max(len(neg), 1), 4)}
+        ood[name] = ood_figures(p_m, (p_m >= heads.content.threshold) & (p_i < heads.coherence.threshold), [lab for _, _, lab in rows])
     out["out_of_domain"] = ood
     return out
 
@@ -494,12 +499,7 @@ def validate_judge(judge: Any, reference: str | Path | None = None, shared: Path
         rows = [rows[i] for i in idx]
         got = score_pairs(judge, [(q, a) for q, a, _ in rows], batch_size, lambda d, t, name=name: progress(name, d, t))
         p_m, p_i = own_scores(got)
-        called = ((p_m >= tm) & (p_i < ti)).tolist()
-        y = [lab for _, _, lab in rows]
-        pos = [c for c, lab in zip(called, y) if lab]
-        neg = [c for c, lab in zip(called, y) if not lab]
-        ood[name] = {"n": len(rows), "misaligned": sum(y), "auc": round(roc_auc(p_m.tolist(), y), 4),
-                     "recall": round(sum(pos) / max(len(pos), 1), 4), "false_positive_rate": round(sum(neg) / max(len(neg), 1), 4)}
+        ood[name] = ood_figures(p_m, (p_m >= tm) & (p_i < ti), [lab for _, _, lab in rows])
     out["out_of_domain"] = ood
     return out
 
