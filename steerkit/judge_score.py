@@ -10,6 +10,7 @@ import re
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
 from steerkit.errors import SteerkitError
@@ -104,14 +105,18 @@ class Score(Mapping[str, Any]):
             d["judge_detail"] = self.detail
         return d
 
+    @cached_property
+    def _fields(self) -> dict[str, Any]:  # as_dict once: a record merge reads every key
+        return self.as_dict()
+
     def __getitem__(self, key: str) -> Any:
-        return self.as_dict()[key]
+        return self._fields[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.as_dict())
+        return iter(self._fields)
 
     def __len__(self) -> int:
-        return len(self.as_dict())
+        return len(self._fields)
 
 
 # --- coherence from fluency and repetition ------------------------------------------------------
