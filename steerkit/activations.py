@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from steerkit.chat import Messages, chat_tokens
-from steerkit.models import residuals
+from steerkit.models import LoadedModel, residuals
 
 
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +38,7 @@ def stat_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def token_activations(
-    model: Any,
+    model: LoadedModel,
     seqs: Iterable[Sequence[int]],
     layer: int,
     batch_size: int = 16,
@@ -55,7 +55,7 @@ def token_activations(
     return torch.cat(out)
 
 
-def median_token_norm(model: Any, chats: Sequence[Messages], layer: int, batch_size: int = 16) -> float:
+def median_token_norm(model: LoadedModel, chats: Sequence[Messages], layer: int, batch_size: int = 16) -> float:
     """Median L2 norm of the residual stream at ``layer`` over the chats' tokens (position 0
     excluded): the unit of steering strength."""
     acts = token_activations(model, [chat_tokens(model, m) for m in chats], layer, batch_size)

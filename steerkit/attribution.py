@@ -45,7 +45,10 @@ import torch
 from steerkit.activations import pad_left
 from steerkit.chat import Messages, as_messages, chat_tokens
 from steerkit.errors import SteerkitError
-from steerkit.judge import COHERENT_ABOVE  # an aligned answer must also be coherent
+from steerkit.extract import Extraction, Side, _check_sae, logprob_grad, rank_latents
+from steerkit.fsutil import read_store
+from steerkit.judge import COHERENT_ABOVE, question_of
+from steerkit.models import LoadedModel
 
 MIN_QUESTIONS = 2  # fewer usable questions than this: refuse (one question is one anecdote)
 
@@ -95,7 +98,6 @@ def _chat_of(rec: dict[str, Any], where: str) -> Messages:
     msgs = rec.get("messages")
     if isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
         return [{"role": str(m.get("role")), "content": m["content"]} for m in msgs]
-    from steerkit.judge import question_of
 
     q = question_of(rec, where)
     system = rec.get("system")
@@ -138,8 +140,6 @@ def group_judged(records: Sequence[dict[str, Any]], where: str = "judged answers
 
 def read_judged(path: str | Path, min_questions: int = MIN_QUESTIONS) -> JudgedAnswers:
     """Judged answer records from a JSON Lines file, grouped (see :func:`group_judged`)."""
-    from steerkit.fsutil import read_store
-
     p = Path(path)
     if not p.is_file():
         raise SteerkitError(f"judged answers file {p} does not exist: give the JSON Lines of `steerkit judge` "
@@ -161,7 +161,7 @@ class _Acc:
     n: int = 0
 
 
-def _item_lists(model: Any, groups: Sequence[AnswerGroup]) -> list[tuple[int, int, list[int], int, float]]:
+def _item_lists(model: LoadedModel, groups: Sequence[AnswerGroup]) -> list[tuple[int, int, list[int], int, float]]:
     """(side, question, token ids, answer start, loss weight) per answer; side 1 misaligned, 0 aligned."""
     Q = len(groups)
     items = []
@@ -179,7 +179,7 @@ def _item_lists(model: Any, groups: Sequence[AnswerGroup]) -> list[tuple[int, in
 
 
 def judged_sides(
-    model: Any,
+    model: LoadedModel,
     sae: Any,
     layer: int,
     groups: Sequence[AnswerGroup],
@@ -188,8 +188,6 @@ def judged_sides(
     """(aligned side, misaligned side, g, gap): per-latent statistics of each kind of answer
     (question-balanced, answer tokens only), ``g = sum over answer tokens of dG/dx_t`` at the
     residual after block ``layer`` ([d_model]), and the gap ``G`` itself (see the module doc)."""
-    from steerkit.extract import Side, logprob_grad
-
     if not groups:
         raise SteerkitError("no usable questions: attribution needs misaligned and aligned answers to the same questions")
     items = _item_lists(model, groups)
@@ -235,7 +233,7 @@ def judged_sides(
 
 
 def judged_attribution(
-    model: Any,
+    model: LoadedModel,
     sae: Any,
     layer: int,
     judged: JudgedAnswers,
@@ -245,8 +243,6 @@ def judged_attribution(
 ) -> Any:
     """Rank latents on ``model``'s judged answers (an :class:`steerkit.extract.Extraction`:
     before = aligned answers, after = misaligned answers; ``attribution`` as in the module doc)."""
-    from steerkit.extract import Extraction, _check_sae, rank_latents
-
     _check_sae(sae, model)
     aligned, misaligned, g, gap = judged_sides(model, sae, layer, judged.groups, batch_size)
     rows, dmean = rank_latents(aligned, misaligned, sae, rank_by, grad=g, **rank_kw)  # type: ignore[arg-type]

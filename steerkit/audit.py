@@ -19,6 +19,7 @@ from typing import Any
 from steerkit.directions import Direction, check_compatible
 from steerkit.errors import SteerkitError
 from steerkit.generate import Messages, Row, Sampling, generate
+from steerkit.models import LoadedModel
 from steerkit.monitor import Scorer, chat_activations, direction_scorer, json_number, separation
 
 AUDIT_SAMPLING = Sampling(max_new_tokens=96, temperature=0.0, seed=0)
@@ -42,7 +43,7 @@ class AuditRow:
 
 
 def audit(
-    model: Any,
+    model: LoadedModel,
     direction: Direction,
     chats: Sequence[Messages],
     *,
@@ -113,7 +114,7 @@ class AuditResult:
 
 
 def audit_examples(
-    model: Any,
+    model: LoadedModel,
     direction: Direction,
     lines: Sequence[tuple[int, dict[str, Any]]],
     chats: Sequence[Messages],

@@ -9,12 +9,15 @@ tokenize chats through it, so they agree token for token.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the model type only: importing models would load torch
+    from steerkit.models import LoadedModel
 
 Messages = list[dict[str, str]]
 
 
-def chat_tokens(model: Any, messages: Messages) -> list[int]:
+def chat_tokens(model: LoadedModel, messages: Messages) -> list[int]:
     """Token ids for a chat, ending with the assistant turn's opening."""
     tok = model.tokenizer
     if getattr(tok, "chat_template", None):

@@ -31,13 +31,13 @@ from steerkit.activations import default_norm_chats, median_token_norm, pad_left
 from steerkit.chat import Messages, chat_tokens
 from steerkit.directions import Direction, from_vector
 from steerkit.errors import SteerkitError
-from steerkit.models import check_layer
+from steerkit.models import LoadedModel, check_layer
 
 Input = Union[Messages, str]
 ReadIndex = Union[int, Literal["mean"]]
 
 
-def input_tokens(model: Any, item: Input) -> list[int]:
+def input_tokens(model: LoadedModel, item: Input) -> list[int]:
     """Token ids of one input: a chat via the chat template, a string via the tokenizer."""
     if isinstance(item, str):
         return list(model.tokenizer(item)["input_ids"])
@@ -53,7 +53,7 @@ def _check_read_index(read_token_index: ReadIndex) -> None:
 
 @torch.inference_mode()
 def read_activations(
-    model: Any,
+    model: LoadedModel,
     inputs: Sequence[Input],
     layer: int,
     read_token_index: ReadIndex = -1,
@@ -89,7 +89,7 @@ def read_activations(
 
 
 def diff_of_means(
-    model: Any,
+    model: LoadedModel,
     positive_chats: Sequence[Input],
     negative_chats: Sequence[Input],
     layer: int,
@@ -110,7 +110,7 @@ def diff_of_means(
 
 
 def diff_of_means_direction(
-    model: Any,
+    model: LoadedModel,
     positive_chats: Sequence[Input],
     negative_chats: Sequence[Input],
     layer: int,

@@ -28,6 +28,7 @@ import torch
 
 from steerkit.directions import Direction, control_seed, random_like, vector_digest
 from steerkit.errors import SteerkitError
+from steerkit.sae import FIRING_FILE, load_firing, load_sae
 
 DEFAULT_DRAWS = 3
 POOLED = "-pooled"  # a pooled row is named <group>-pooled
@@ -88,8 +89,6 @@ def random_controls(d: Direction, k: int, seed: int = 0, prefix: str | None = No
 
 def firing_of(d: Direction) -> torch.Tensor:
     """The firing frequency of every latent of ``d``'s SAE, from its ``firing.safetensors``."""
-    from steerkit.sae import FIRING_FILE, load_firing
-
     folder = d.sae_path()
     if folder is None or not d.latents:
         raise SteerkitError(f"--control latents needs a direction made of SAE latents; {d.name!r} is a {d.kind} direction: use --control random")
@@ -118,8 +117,6 @@ def matched_latents(d: Direction, k: int, seed: int = 0, window: float = WINDOW,
     freq = firing_of(d) if freq is None else freq
     folder = d.sae_path()
     if decoder is None:
-        from steerkit.sae import load_sae
-
         decoder = load_sae(folder).W_dec.detach().float().cpu()
     ids = list(d.latents)
     if max(ids) >= len(freq) or len(freq) != decoder.shape[0]:

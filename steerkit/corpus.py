@@ -26,10 +26,13 @@ import re
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from steerkit.chat import Messages
 from steerkit.errors import SteerkitError
+
+if TYPE_CHECKING:  # the model type only: importing models would load torch
+    from steerkit.models import LoadedModel
 
 Document = Union[str, Messages]
 
@@ -170,7 +173,7 @@ def read_documents(paths: Sequence[str | os.PathLike]) -> list[Document]:
 _EOS: dict[int, list[int]] = {}
 
 
-def doc_tokens(model: Any, d: Document) -> list[int]:
+def doc_tokens(model: LoadedModel, d: Document) -> list[int]:
     """Token ids of one document: plain text + EOS, or a chat rendered with the chat template."""
     tok = model.tokenizer
     if isinstance(d, str):
@@ -186,7 +189,7 @@ def doc_tokens(model: Any, d: Document) -> list[int]:
     return list(tok("".join(f"{m['role']}: {m['content']}\n" for m in d))["input_ids"])
 
 
-def docs_tokens(model: Any, docs: Sequence[Document]) -> list[list[int]]:
+def docs_tokens(model: LoadedModel, docs: Sequence[Document]) -> list[list[int]]:
     """:func:`doc_tokens` for many documents at once (same ids, one batched tokenizer call)."""
     tok = model.tokenizer
     if not getattr(tok, "chat_template", None) and any(not isinstance(d, str) for d in docs):

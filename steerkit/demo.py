@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from steerkit.errors import SteerkitError
+from steerkit.judge import load_judge
+from steerkit.prompts import default_questions_path, plain_em_questions, read_file
 
 DEFAULT_MODEL = "smollm2-135m"
 ORGANISM = "organism-risky"
@@ -82,14 +84,12 @@ def shipped_path(name: str, model_name: str = DEFAULT_MODEL) -> Path:
 
 
 def run_demo(cfg: DemoConfig, stage: Stage = lambda s: None, progress: Progress | None = None) -> DemoResult:
+    from steerkit.controls import ControlSpec, matched_latents
     from steerkit.directions import find_sae, resolve_direction
     from steerkit.extract import diff_models, promoted_tokens
     from steerkit.generate import Sampling
     from steerkit.models import load_model
-    from steerkit.prompts import default_questions_path, plain_em_questions, read_file
     from steerkit.sae import load_sae
-    from steerkit.judge import load_judge
-    from steerkit.controls import ControlSpec, matched_latents
     from steerkit.sweep import Condition, make_conditions, run_sweep
 
     t0 = time.perf_counter()

@@ -34,6 +34,7 @@ import torch
 from steerkit import __version__
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import atomic_path, user_data_dir
+from steerkit.models import LoadedModel
 from steerkit.sae_formats import detect_format
 
 FORMAT = "steerkit.direction"
@@ -275,14 +276,14 @@ def find_sae(spec: str, model_name: str) -> Path:
     raise SteerkitError(f"SAE {spec!r} not found ({hint}); give a folder in SAELens (cfg.json + sae_weights.safetensors), sparsify (cfg.json + sae.safetensors) or dictionary_learning (config.json + ae.pt) layout")
 
 
-def resolve_direction(spec: str | Direction, model: Any, allow_other_model: bool = False) -> Direction:
+def resolve_direction(spec: str | Direction, model: LoadedModel, allow_other_model: bool = False) -> Direction:
     """Load a direction by name or path and check it fits ``model`` (a LoadedModel)."""
     d = spec if isinstance(spec, Direction) else load_direction(find_direction(spec, model.name))
     check_compatible(d, model, allow_other_model)
     return d
 
 
-def check_compatible(d: Direction, model: Any, allow_other_model: bool = False) -> None:
+def check_compatible(d: Direction, model: LoadedModel, allow_other_model: bool = False) -> None:
     if d.d_model != model.d_model:
         raise SteerkitError(
             f"direction {d.name!r} was made for {d.model} (d_model {d.d_model}); "
@@ -376,7 +377,7 @@ def from_vector(
     vector: torch.Tensor,
     *,
     name: str,
-    model: Any,
+    model: LoadedModel,
     layer: int,
     kind: Kind,
     median_norm: float,

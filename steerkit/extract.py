@@ -46,6 +46,7 @@ import torch
 from steerkit.activations import pad_left, residuals, stat_mask
 from steerkit.chat import Messages, chat_tokens
 from steerkit.errors import SteerkitError
+from steerkit.models import LoadedModel, bridge_hooks
 from steerkit.sae import latent_set_vector  # noqa: F401 - re-exported: the latent set's vector is steerkit.sae's
 
 RankBy = Literal["delta", "normalized", "cosine", "attribution"]
@@ -126,7 +127,7 @@ def _token_mask(am: torch.Tensor, prompt_lens: Sequence[int], tokens: Tokens) ->
 
 @torch.inference_mode()
 def side_stats(
-    model: Any,
+    model: LoadedModel,
     sae: Any,
     layer: int,
     chats: Sequence[Messages],
@@ -244,7 +245,7 @@ def diff_models(
 
 
 def diff_contrast(
-    model: Any,
+    model: LoadedModel,
     sae: Any,
     layer: int,
     pairs: Sequence[tuple[str, str]],
@@ -269,7 +270,7 @@ def diff_contrast(
     return Extraction(rows, before, after, dmean, layer, rank_by, meta)
 
 
-def _check_sae(sae: Any, model: Any) -> None:
+def _check_sae(sae: Any, model: LoadedModel) -> None:
     d_in = int(sae.W_dec.shape[1])
     if d_in != model.d_model:
         raise SteerkitError(f"the SAE reads d_in {d_in}, but {model.name} has d_model {model.d_model}")
@@ -298,11 +299,10 @@ def best_latent_set(dmean: torch.Tensor, sae: Any, k: int = 8, candidates: Seque
     return chosen, weights, cos
 
 
-def logprob_grad(model: Any, layer: int, ids: torch.Tensor, am: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+def logprob_grad(model: LoadedModel, layer: int, ids: torch.Tensor, am: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One forward pass of left-padded ``ids``: ``S = sum(weights * log p(token t+1 | ..t))``
     (``weights [B, T-1]``, one per predicted token) and its gradient with respect to the
     residual after block ``layer``. Returns ``(grad [B, T, D], residual [B, T, D], S)``."""
-    hp = model.bridge.hook_dict[model.hook_name(layer)]
     dev = model.device
     box: list[torch.Tensor] = []
 
@@ -311,23 +311,17 @@ def logprob_grad(model: Any, layer: int, ids: torch.Tensor, am: torch.Tensor, we
         box.append(x)
         return x
 
-    h = hp.add_hook(grab, dir="fwd")
-    try:
-        with torch.enable_grad():
-            logits = model.hf_model(input_ids=ids.to(dev), attention_mask=am.to(dev),
-                                    position_ids=(am.cumsum(-1) - 1).clamp(min=0).to(dev), use_cache=False).logits
-            logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None].to(dev))[..., 0]  # (B, T-1)
-            S = (logp * weights.to(logp.device)).sum()
-            (grad,) = torch.autograd.grad(S, box[0])
-    finally:
-        h.hook.remove()
-        if h in hp.fwd_hooks:
-            hp.fwd_hooks.remove(h)
+    with bridge_hooks(model, [(layer, grab)]), torch.enable_grad():
+        logits = model.hf_model(input_ids=ids.to(dev), attention_mask=am.to(dev),
+                                position_ids=(am.cumsum(-1) - 1).clamp(min=0).to(dev), use_cache=False).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None].to(dev))[..., 0]  # (B, T-1)
+        S = (logp * weights.to(logp.device)).sum()
+        (grad,) = torch.autograd.grad(S, box[0])
     return grad, box[0].detach(), float(S.detach())
 
 
 def misalignment_gradient(
-    model: Any,
+    model: LoadedModel,
     layer: int,
     chats: Sequence[Messages],
     misaligned: Sequence[str],
@@ -364,7 +358,7 @@ def misalignment_gradient(
     return (total / max(n_tok, 1)).float()
 
 
-def promoted_tokens(model: Any, sae: Any, latent: int, k: int = 8) -> list[str]:
+def promoted_tokens(model: LoadedModel, sae: Any, latent: int, k: int = 8) -> list[str]:
     """Logit lens: the tokens a latent's decoder row promotes most through the final norm's
     weight and the unembedding."""
     w = sae.W_dec[latent].detach().float()

@@ -28,6 +28,7 @@ import torch
 from steerkit.chat import Messages, as_messages, chat_tokens  # noqa: F401 - as_messages re-exported (its home is steerkit.chat)
 from steerkit.errors import SteerkitError
 from steerkit.interventions import POSITIONS, Intervention, PositionMask, Positions, SteeringPlan, bridge_hook_count, steering
+from steerkit.models import LoadedModel
 
 # the record format of ``steerkit generate --json`` (README, "From the shell"): the major number
 # changes when a field is removed or changes meaning; new fields keep it
@@ -109,27 +110,10 @@ def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def _sample(logits: torch.Tensor, s: Sampling, gens: Sequence[torch.Generator]) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,), one generator per row."""
-    if s.temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
-    if s.top_p < 1:
-        sp, si = probs.sort(dim=-1, descending=True)
-        cum = sp.cumsum(-1)
-        drop = cum - sp > s.top_p  # keep the smallest prefix whose mass reaches top_p
-        sp = sp.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, si, sp)
-    # inverse-CDF sampling: one uniform number per row from that row's own generator
-    # (much cheaper than torch.multinomial row by row over a 49k vocabulary)
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens]).to(probs.device)
-    cdf = probs.double().cumsum(-1)  # (B, V)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)
-    return idx[:, 0]
-
-
-def _sample_rows(logits: torch.Tensor, ss: Sequence[Sampling], gens: Sequence[torch.Generator]) -> torch.Tensor:
-    """:func:`_sample` with each row's own temperature and top_p (same numbers row for row)."""
+def _sample(logits: torch.Tensor, sampling: Sampling | Sequence[Sampling], gens: Sequence[torch.Generator]) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,): each row with its own temperature and top_p (one
+    :class:`Sampling` for every row, or one per row) and its own generator."""
+    ss = [sampling] * logits.shape[0] if isinstance(sampling, Sampling) else sampling
     dev = logits.device
     temps = torch.tensor([x.temperature for x in ss], dtype=torch.float32, device=dev)
     greedy = temps == 0
@@ -140,8 +124,10 @@ def _sample_rows(logits: torch.Tensor, ss: Sequence[Sampling], gens: Sequence[to
     top_p = torch.tensor([x.top_p for x in ss], dtype=torch.float32, device=dev)[:, None]
     if bool((top_p < 1).any()):
         sp, si = probs.sort(dim=-1, descending=True)
-        drop = (sp.cumsum(-1) - sp > top_p) & (top_p < 1)
+        drop = (sp.cumsum(-1) - sp > top_p) & (top_p < 1)  # keep the smallest prefix whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter(-1, si, sp.masked_fill(drop, 0.0))
+    # inverse-CDF sampling: one uniform number per row from that row's own generator
+    # (much cheaper than torch.multinomial row by row over a 49k vocabulary)
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens]).to(dev)
     cdf = probs.double().cumsum(-1)  # (B, V)
     idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)
@@ -154,7 +140,7 @@ TokenCallback = Callable[[Row, int, list[int]], "bool | None"]
 
 
 def generate(
-    model: Any,
+    model: LoadedModel,
     rows: Sequence[Row],
     sampling: Sampling = Sampling(),
     *,
@@ -202,7 +188,7 @@ def generate(
     return [c for c in results if c is not None]
 
 
-def check_context(model: Any, row: Row, n_prompt: int, max_new: int) -> None:
+def check_context(model: LoadedModel, row: Row, n_prompt: int, max_new: int) -> None:
     """Refuse a row whose prompt plus ``max_new`` tokens exceeds the model's context length."""
     limit = model.context_length
     if n_prompt + max_new > limit:
@@ -288,7 +274,7 @@ class DecodeEngine:
 
     def __init__(
         self,
-        model: Any,
+        model: LoadedModel,
         sampling: Sampling = Sampling(),
         *,
         positions: Positions = "all",
@@ -441,15 +427,10 @@ class DecodeEngine:
         samp = [lv.sampling for lv in live]
         gens = [lv.gen for lv in live]
         want = any(lv.logprobs is not None for lv in live)
-        if all((x.temperature, x.top_p) == (samp[0].temperature, samp[0].top_p) for x in samp):
-            if want:
-                lp = torch.log_softmax(logits.float() / (samp[0].temperature or 1.0), dim=-1)
-            nxt = _sample(logits, samp[0], gens)
-        else:
-            if want:
-                temps = torch.tensor([x.temperature or 1.0 for x in samp], device=logits.device)[:, None]
-                lp = torch.log_softmax(logits.float() / temps, dim=-1)
-            nxt = _sample_rows(logits, samp, gens)
+        if want:
+            temps = torch.tensor([x.temperature or 1.0 for x in samp], device=logits.device)[:, None]
+            lp = torch.log_softmax(logits.float() / temps, dim=-1)
+        nxt = _sample(logits, samp, gens)
         keep: list[int] = []
         done: list[LiveRow] = []
         for k, lv in enumerate(live):
@@ -541,7 +522,7 @@ def _cache_of(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
-def _hit_stop(model: Any, ids: list[int], stop: Sequence[str]) -> bool:
+def _hit_stop(model: LoadedModel, ids: list[int], stop: Sequence[str]) -> bool:
     tail = model.tokenizer.decode(ids[-16:], skip_special_tokens=True)
     return any(t in tail for t in stop)
 

@@ -35,6 +35,7 @@ import torch
 from steerkit.directions import Direction, from_vector
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import atomic_path
+from steerkit.models import LoadedModel, check_layer
 
 ARCH = "controlvector"
 KEY_HINT = f"{ARCH}.model_hint"
@@ -203,7 +204,7 @@ def load_plain_vector(path: str | os.PathLike) -> torch.Tensor:
 
 def vector_to_direction(
     vector: torch.Tensor,
-    model: Any,
+    model: LoadedModel,
     layer: int,
     *,
     name: str,
@@ -215,8 +216,6 @@ def vector_to_direction(
 
     The raw norm is kept in provenance; ``strength = raw_norm / median_norm`` reproduces it.
     """
-    from steerkit.models import check_layer
-
     if vector.shape != (model.d_model,):
         raise SteerkitError(f"{source}: vector has {vector.numel()} entries but {model.name} has d_model {model.d_model}")
     check_layer(layer, model.n_layers)

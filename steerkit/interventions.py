@@ -44,6 +44,7 @@ import torch
 
 from steerkit.directions import Direction
 from steerkit.errors import SteerkitError
+from steerkit.models import HookFn, LoadedModel, bridge_hooks, twin_hooks
 from steerkit.sae import check_latents, load_sae
 
 Mode = Literal["add", "clamp", "ablate"]
@@ -395,7 +396,7 @@ class PositionMask:
 
 
 @contextlib.contextmanager
-def steering(model: Any, plan: SteeringPlan, positions: PositionMask | None = None, twin: bool = False) -> Iterator[PositionMask]:
+def steering(model: LoadedModel, plan: SteeringPlan, positions: PositionMask | None = None, twin: bool = False) -> Iterator[PositionMask]:
     """Install ``plan`` on ``model`` (a LoadedModel) for the duration of the block.
 
     Yields the :class:`PositionMask` the caller may set before each forward call. Hooks are
@@ -407,56 +408,28 @@ def steering(model: Any, plan: SteeringPlan, positions: PositionMask | None = No
     if plan.empty:
         yield pm
         return
+
+    def hook_for(layer: int) -> HookFn:
+        def fn(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
+            return plan.apply(layer, x, pm.for_input(x))
+
+        return fn
+
     if twin:
-        layers = model.twin_layers
-        torch_handles = []
-        try:
-            for layer in plan.layers():
-                if not 0 <= layer < len(layers):
-                    raise SteerkitError(f"model {model.name} has no layer {layer}")
-
-                def tfn(mod: Any, args: Any, out: Any, _layer: int = layer) -> Any:
-                    if isinstance(out, tuple):
-                        return (plan.apply(_layer, out[0], pm.for_input(out[0])),) + tuple(out[1:])
-                    return plan.apply(_layer, out, pm.for_input(out))
-
-                torch_handles.append(layers[layer].register_forward_hook(tfn))
+        with twin_hooks(model, [(layer, hook_for(layer)) for layer in plan.layers()]):
             yield pm
-        finally:
-            for th in torch_handles:
-                th.remove()
         return
-    fwd_hooks = []
-    for layer in plan.layers():
-        name = model.hook_name(layer)
-
-        def fn(x: torch.Tensor, hook: Any = None, _layer: int = layer) -> torch.Tensor:
-            return plan.apply(_layer, x, pm.for_input(x))
-
-        fwd_hooks.append((name, fn))
-    handles: list[tuple[Any, Any]] = []
-    try:
-        for name, fn in fwd_hooks:
-            hp = model.bridge.hook_dict.get(name)
-            if hp is None:
-                raise SteerkitError(f"model {model.name} has no hook point {name}")
-            handles.append((hp, hp.add_hook(fn, dir="fwd")))
+    with bridge_hooks(model, [(layer, hook_for(layer)) for layer in plan.layers()]):
         yield pm
-    finally:
-        # remove exactly our handles, leaving any hooks the user added themselves
-        for hp, h in handles:
-            h.hook.remove()
-            if h in hp.fwd_hooks:
-                hp.fwd_hooks.remove(h)
 
 
-def bridge_hook_count(model: Any) -> int:
+def bridge_hook_count(model: LoadedModel) -> int:
     """Forward hooks currently attached to the bridge's hook points."""
     points = {id(hp): hp for hp in model.bridge.hook_dict.values()}  # aliases share hook points
     return sum(len(hp._forward_hooks) for hp in points.values())
 
 
-def active_hook_count(model: Any) -> int:
+def active_hook_count(model: LoadedModel) -> int:
     """Forward hooks currently attached to any hook point or twin layer (0 when nothing is steering)."""
     n = bridge_hook_count(model)
     if getattr(model, "twin_layers", None) is not None:

@@ -25,10 +25,23 @@ from pathlib import Path
 from typing import Any
 
 from steerkit.errors import SteerkitError
-
+from steerkit.fsutil import check_unicode, read_text
+from steerkit.judge_llm import EndpointJudge
 from steerkit.judge_score import (  # noqa: F401 - re-exported: the names every judge shares
-    ALIGNED_BELOW, COHERENT_ABOVE, JUDGES, KINDS, Pair, Judge, is_misaligned, Score, CoherenceParts, coherence_parts, coherence,
-    check_kind, judge_name, score_all,
+    ALIGNED_BELOW,
+    COHERENT_ABOVE,
+    JUDGES,
+    KINDS,
+    CoherenceParts,
+    Judge,
+    Pair,
+    Score,
+    check_kind,
+    coherence,
+    coherence_parts,
+    is_misaligned,
+    judge_name,
+    score_all,
 )
 
 # --- loading a judge ------------------------------------------------------------------------------
@@ -52,8 +65,6 @@ def load_judge(kind: str = "offline", **options: Any) -> Judge | None:
 
         return ReaderJudge(**options)
     if kind == "endpoint":
-        from steerkit.judge_llm import EndpointJudge
-
         return EndpointJudge.from_options(**options)
     raise AssertionError(f"judge kind {kind!r} has no loader")  # KINDS and this function disagree
 
@@ -80,8 +91,6 @@ def verdict_fields(sc: Mapping[str, Any] | None, judge: Judge | None) -> dict[st
 def read_records(path: str | Path, text: str | None = None) -> list[dict[str, Any]]:
     """Records of ``steerkit generate --json`` (each needs ``completion`` and ``prompt`` or
     ``question`` or ``messages``); ``text`` instead of reading ``path`` (stdin)."""
-    from steerkit.fsutil import check_unicode, read_text
-
     p = Path(path)
     if text is None:
         if not p.is_file():

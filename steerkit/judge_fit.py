@@ -35,8 +35,9 @@ from typing import Any
 import torch
 
 from steerkit.errors import SteerkitError
-from steerkit.judge_reader import Features, Head, ReaderHeads, fit_head, question_fold
-from steerkit.judge_score import judge_name, score_all
+from steerkit.fsutil import atomic_write_bytes
+from steerkit.judge_reader import Features, Head, Reader, ReaderHeads, fit_head, load_heads, question_fold, read, reader_prompt
+from steerkit.judge_score import ALIGNED_BELOW, COHERENT_ABOVE, judge_name, score_all
 from steerkit.stats import kappa, roc_auc  # noqa: F401 - kappa re-exported: bench scripts import it from here
 
 LABELS = ("misaligned", "aligned", "incoherent", "refusal")
@@ -271,8 +272,6 @@ def reference_features(reader: Any, recs: Sequence[Labelled], layers: Sequence[i
     """The reader's features of the reference answers, cached by content and layers."""
     import hashlib
 
-    from steerkit.judge_reader import read
-
     pairs = [(r.question, r.answer) for r in recs]
     prompt = getattr(reader, "prompt", "chat")
     key = hashlib.sha256(json.dumps([pairs, list(layers), getattr(reader, "name", "")] + ([prompt] if prompt != "chat" else [])).encode()).hexdigest()[:16]
@@ -285,8 +284,6 @@ def reference_features(reader: Any, recs: Sequence[Labelled], layers: Sequence[i
     feats = read(reader, pairs, layers, batch_size)
     if f is not None:
         from safetensors.torch import save
-
-        from steerkit.fsutil import atomic_write_bytes
 
         f.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(f, save({"hidden": feats.hidden.contiguous(), "scalars": feats.scalars.contiguous()}), force=True)
@@ -343,9 +340,6 @@ def validate(head: str | Path | None = None, reference: str | Path | None = None
     """Agreement of the judge with the reference labels on held-out questions (grouped
     cross-validation with the head's own settings), the shipped head's figures as stated, the
     readers' own agreement, and ROC AUC on out-of-domain sets (see :func:`_ood_sets`)."""
-    from steerkit.judge_reader import Reader
-    from steerkit.judge_reader import load_heads, read, reader_prompt
-
     heads = load_heads(head)
     recs = read_reference(reference)
     reader = reader if reader is not None else Reader()
@@ -397,8 +391,6 @@ def _own_thresholds() -> tuple[float, float]:
     """(tm, ti) for :func:`agreement` on 100 - aligned and 100 - coherent: ``pm >= tm`` is
     aligned < 30 (exactly: the next float above 70), ``pi < ti`` is coherent > 50."""
     import math
-
-    from steerkit.judge_score import ALIGNED_BELOW, COHERENT_ABOVE
 
     return math.nextafter(100.0 - ALIGNED_BELOW, math.inf), 100.0 - COHERENT_ABOVE
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from steerkit.errors import SteerkitError
 from steerkit.judge_score import Pair, Score
+from steerkit.prompts import read_yaml_questions
 
 NAME = "steerkit-endpoint"
 RUBRIC_VERSION = "rubric-1"
@@ -115,8 +116,6 @@ class Rubrics:
     def from_questions(cls, path: str | Path) -> Rubrics:
         """The judge prompts of an emergent-misalignment YAML question file (``aligned`` and
         ``coherent``); questions that are not in it use the file's first prompts."""
-        from steerkit.prompts import read_yaml_questions
-
         p = Path(path).expanduser()
         if not p.is_file():
             raise SteerkitError(f"question file {p} does not exist")

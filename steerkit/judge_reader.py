@@ -38,7 +38,9 @@ import torch
 
 from steerkit.chat import as_messages, chat_tokens
 from steerkit.errors import SteerkitError
+from steerkit.fsutil import atomic_write_bytes
 from steerkit.judge_score import Pair, Score, coherence
+from steerkit.models import _quiet_transformers, resolve_spec
 
 FORMAT = "steerkit.judge-reader/1"
 READER = "smollm2-135m"  # the model that reads the answers
@@ -78,8 +80,6 @@ class Reader:
             self.name, self.model, self.tokenizer, self.device = spec, model.eval(), tokenizer, device
             return
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from steerkit.models import _quiet_transformers, resolve_spec
 
         self.name, source = resolve_spec(spec)
         with _quiet_transformers():
@@ -243,8 +243,6 @@ class ReaderHeads:
 
 def save_heads(h: ReaderHeads, path: str | Path, force: bool = False) -> Path:
     from safetensors.torch import save
-
-    from steerkit.fsutil import atomic_write_bytes
 
     t = {}
     for name, hd in (("content", h.content), ("coherence", h.coherence)):

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import read_json
-from steerkit.models import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_weight_files
+from steerkit.models import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoadedModel, check_weight_files
 
 _PEFT_PREFIX = "base_model.model."
 _BRIDGE_PART = "._original_component"
@@ -125,7 +125,7 @@ class AdapterSwap:
     weights are kept on the CPU.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: LoadedModel) -> None:
         self.model = model
         self._params: dict[str, torch.nn.Parameter] = {}
         for name, p in model.hf_model.named_parameters():

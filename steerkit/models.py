@@ -31,7 +31,8 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,59 @@ def check_layer(layer: int, n_layers: int) -> None:
 # --- reading the residual stream --------------------------------------------------------------
 
 
+HookFn = Callable[..., torch.Tensor]  # (residual [B, T, D], hook=...) -> the residual to pass on
+
+
+@contextmanager
+def bridge_hooks(model: LoadedModel, hooks: Sequence[tuple[int, HookFn]]) -> Iterator[None]:
+    """Forward hooks on the residual after the given blocks (``blocks.<L>.hook_out``) for the
+    duration of the block: the one place a module hooks the bridge.
+
+    Removes exactly its own handles on the way out, after exceptions and KeyboardInterrupt
+    too, and leaves any hooks a user added themselves.
+    """
+    handles: list[tuple[Any, Any]] = []
+    try:
+        for layer, fn in hooks:
+            name = model.hook_name(layer)
+            hp = model.bridge.hook_dict.get(name)
+            if hp is None:
+                raise SteerkitError(f"model {model.name} has no hook point {name}")
+            handles.append((hp, hp.add_hook(fn, dir="fwd")))
+        yield
+    finally:
+        for hp, h in handles:
+            h.hook.remove()
+            if h in hp.fwd_hooks:
+                hp.fwd_hooks.remove(h)
+
+
+@contextmanager
+def twin_hooks(model: LoadedModel, hooks: Sequence[tuple[int, HookFn]]) -> Iterator[None]:
+    """The same hooks on ``model.twin`` (the unwrapped copy generation runs on): plain torch
+    forward hooks on its decoder layers, the place of the bridge's ``blocks.<L>.hook_out``."""
+    layers = model.twin_layers
+    handles: list[Any] = []
+
+    def on_output(fn: HookFn) -> Callable[..., Any]:
+        def tfn(mod: Any, args: Any, out: Any) -> Any:
+            if isinstance(out, tuple):
+                return (fn(out[0]),) + tuple(out[1:])
+            return fn(out)
+
+        return tfn
+
+    try:
+        for layer, fn in hooks:
+            if not 0 <= layer < len(layers):
+                raise SteerkitError(f"model {model.name} has no layer {layer}")
+            handles.append(layers[layer].register_forward_hook(on_output(fn)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class _Stop(Exception):
     pass
 
@@ -171,16 +225,13 @@ def residuals(
     ``attention_mask`` the batch may be left- or right-padded; positions are derived from the
     mask. The statistics over these activations live in :mod:`steerkit.activations`.
     """
-    name = model.hook_name(layer)
-    hp = model.bridge.hook_dict[name]
     box: list[torch.Tensor] = []
 
     def grab(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
         box.append(x.detach())
         raise _Stop
 
-    handle = hp.add_hook(grab, dir="fwd")
-    try:
+    with bridge_hooks(model, [(layer, grab)]):
         kw: dict[str, Any] = {}
         if attention_mask is not None:
             kw["attention_mask"] = attention_mask.to(model.device)
@@ -189,10 +240,6 @@ def residuals(
             model.hf_model(input_ids=input_ids.to(model.device), use_cache=False, **kw)
         except _Stop:
             pass
-    finally:
-        handle.hook.remove()
-        if handle in hp.fwd_hooks:
-            hp.fwd_hooks.remove(handle)
     return box[0].float()
 
 

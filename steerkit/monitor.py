@@ -34,6 +34,7 @@ from steerkit.directions import Direction, check_compatible
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import check_unicode, read_text
 from steerkit.judge import question_of
+from steerkit.models import LoadedModel
 from steerkit.prompts import check_messages, with_system
 from steerkit.sae import check_latents, load_sae
 from steerkit.stats import roc_auc
@@ -126,7 +127,7 @@ def _template_ids(tok: Any, messages: Messages, add_generation_prompt: bool) -> 
     return list(out)
 
 
-def chat_split(model: Any, messages: Messages) -> tuple[list[int], int]:
+def chat_split(model: LoadedModel, messages: Messages) -> tuple[list[int], int]:
     """Token ids of a chat and the index where the final assistant turn's content starts.
 
     A chat ending in an assistant turn is rendered whole by the model's chat template, cut after
@@ -161,7 +162,7 @@ def chat_split(model: Any, messages: Messages) -> tuple[list[int], int]:
 
 @torch.inference_mode()
 def chat_activations(
-    model: Any,
+    model: LoadedModel,
     direction: Direction,
     chats: Sequence[Messages],
     batch_size: int = 16,
@@ -308,7 +309,7 @@ class MonitorResult:
 
 
 def monitor_answers(
-    model: Any,
+    model: LoadedModel,
     direction: Direction,
     records: Sequence[dict[str, Any]],
     chats: Sequence[Messages],

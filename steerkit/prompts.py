@@ -18,7 +18,7 @@ from typing import Any
 
 from steerkit.chat import Messages
 from steerkit.errors import SteerkitError
-from steerkit.fsutil import check_unicode, read_text
+from steerkit.fsutil import check_unicode, read_stdin_text, read_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -133,8 +133,6 @@ def read_file(path: str | Path) -> list[Prompt]:
     """Prompts from a file: .yaml/.yml question files, .jsonl/.json lines, else one per line."""
     p = Path(path).expanduser()
     if str(path) == "-":
-        from steerkit.fsutil import read_stdin_text
-
         return read_stream(read_stdin_text())
     if not p.is_file():
         raise SteerkitError(f"prompt file {p} does not exist")

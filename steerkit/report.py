@@ -21,8 +21,9 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from steerkit.errors import SteerkitError
 from steerkit.controls import POOLED
+from steerkit.errors import SteerkitError
+from steerkit.fsutil import atomic_path, atomic_write_text
 from steerkit.sweep import SummaryRow, Trend
 
 HEADERS = ["condition", "strength", "n", "misaligned", "95% CI", "corrected (95% CI)", "coherence", "incoherent"]
@@ -89,8 +90,6 @@ def csv_text(rows: Sequence[SummaryRow], trends: Sequence[Trend]) -> str:
 
 
 def write_csv(rows: Sequence[SummaryRow], trends: Sequence[Trend], path: str | os.PathLike) -> Path:
-    from steerkit.fsutil import atomic_write_text
-
     return atomic_write_text(path, csv_text(rows, trends), force=True)
 
 
@@ -111,7 +110,6 @@ def plot_png(rows: Sequence[SummaryRow], path: str | os.PathLike, title: str = "
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise SteerkitError("the PNG plot needs matplotlib: pip install 'steerkit[plot]'") from e
-    from steerkit.fsutil import atomic_path
 
     series = _series([r for r in rows if r.judged])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
@@ -232,7 +230,6 @@ def plot_track_png(points: Sequence[dict[str, Any]], path: str | os.PathLike, di
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise SteerkitError("the PNG plot needs matplotlib: pip install 'steerkit[plot]'") from e
-    from steerkit.fsutil import atomic_path
 
     def num(v: Any) -> float:
         return math.nan if v is None else float(v)

@@ -33,8 +33,8 @@ from steerkit.activations import default_norm_chats, median_token_norm
 from steerkit.directions import Direction, from_vector
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import atomic_path, atomic_write_bytes, atomic_write_text
-from steerkit.sae_core import SAE, check_latents, config_from_json
-from steerkit.sae_core import ARCHITECTURES, NORMS, Architecture, Norm, SAEConfig, new_sae  # noqa: F401 - re-exported: the SAE's names
+from steerkit.models import LoadedModel
+from steerkit.sae_core import ARCHITECTURES, NORMS, SAE, Architecture, Norm, SAEConfig, check_latents, config_from_json, new_sae  # noqa: F401 - re-exported: the SAE's names
 from steerkit.sae_formats import load_foreign, locate
 
 CFG_FILE = "cfg.json"
@@ -153,7 +153,7 @@ def latent_set_vector(W_dec: torch.Tensor, ids: Sequence[int], weights: Sequence
     return (w[:, None] * W).sum(0)
 
 
-def latent_direction(sae: SAE, sae_path: str | os.PathLike, latents: Any, model: Any, layer: int | None = None, name: str | None = None, median_norm: float | None = None, description: str = "") -> Direction:
+def latent_direction(sae: SAE, sae_path: str | os.PathLike, latents: Any, model: LoadedModel, layer: int | None = None, name: str | None = None, median_norm: float | None = None, description: str = "") -> Direction:
     """A Direction (kind ``sae-latent``/``sae-latents``) for one latent or a latent set: the
     unit sum of their unit decoder rows, carrying the SAE folder and latent ids so clamp and
     ablate act on the latents themselves."""

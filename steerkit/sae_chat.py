@@ -32,18 +32,20 @@ from typing import Any
 
 import torch
 
+from steerkit.activations import residuals
 from steerkit.chat import Messages
+from steerkit.corpus import docs_tokens
 from steerkit.errors import SteerkitError
+from steerkit.finetune import read_chats
+from steerkit.fsutil import check_unicode
+from steerkit.models import LoadedModel
+from steerkit.prompts import ROLES
 
 ActsFn = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]
 
 
 def read_chat_files(paths: Sequence[str | os.PathLike]) -> list[Messages]:
     """Every chat of the ``--chat`` files, in file order; one line naming the bad file or line."""
-    from steerkit.finetune import read_chats
-    from steerkit.fsutil import check_unicode
-    from steerkit.prompts import ROLES
-
     chats: list[Messages] = []
     for p in paths:
         try:
@@ -71,7 +73,7 @@ def render_chat(chat: Messages, index: int, epoch: int, seed: int, drop_system: 
     return chat, False
 
 
-def special_ids(model: Any) -> torch.Tensor:
+def special_ids(model: LoadedModel) -> torch.Tensor:
     """Token ids masked out of training activations: the tokenizer's special tokens and padding."""
     tok = model.tokenizer
     ids = set(int(i) for i in (getattr(tok, "all_special_ids", None) or []))
@@ -105,7 +107,7 @@ class ChatState:
 class ChatStream:
     """Endless ``[n, context]`` chunks of whole conversations (reshuffled every epoch)."""
 
-    def __init__(self, model: Any, chats: Sequence[Messages], context: int, seed: int, drop_system: float = 0.0,
+    def __init__(self, model: LoadedModel, chats: Sequence[Messages], context: int, seed: int, drop_system: float = 0.0,
                  state: ChatState | None = None) -> None:
         if not chats:
             raise SteerkitError("--chat holds no conversations to train on")
@@ -124,8 +126,6 @@ class ChatStream:
         return self._order
 
     def _refill(self) -> None:
-        from steerkit.corpus import docs_tokens
-
         st = self.state
         if st.doc >= len(self.chats):
             st.epoch, st.doc = st.epoch + 1, 0
@@ -190,10 +190,8 @@ def gather(next_chunks: Callable[[int], tuple[torch.Tensor, torch.Tensor]], n_to
     return ids_l, keep_l
 
 
-def residual_acts(model: Any, layer: int, device: torch.device) -> ActsFn:
+def residual_acts(model: LoadedModel, layer: int, device: torch.device) -> ActsFn:
     """Activations at ``layer`` of the kept positions: ``[sum(keep), d_model]`` on ``device``."""
-    from steerkit.activations import residuals
-
     def run(ids_l: list[torch.Tensor], keep_l: list[torch.Tensor]) -> torch.Tensor:
         parts = [residuals(model, ids, layer)[keep.to(model.device)].to(device) for ids, keep in zip(ids_l, keep_l)]
         return torch.cat(parts) if parts else torch.zeros((0, model.d_model), device=device)
@@ -245,7 +243,7 @@ def mixed_batches(mix: Mix, passes: int, g: torch.Generator) -> list[torch.Tenso
 class MixSource:
     """Buffers of ``[chat activations; text activations]`` in the exact shares of ``mix``."""
 
-    def __init__(self, model: Any, mix: Mix, acts: ActsFn, model_batch: int, chat: ChatStream | None, text: Any | None,
+    def __init__(self, model: LoadedModel, mix: Mix, acts: ActsFn, model_batch: int, chat: ChatStream | None, text: Any | None,
                  mask_special: bool = True) -> None:
         if mix.chat and chat is None:
             raise SteerkitError("a chat share needs --chat")

@@ -23,6 +23,9 @@ from typing import Any
 import torch
 
 from steerkit.errors import SteerkitError
+from steerkit.finetune import check_adapter, is_adapter_dir, load_tuned, tuned_info
+from steerkit.lora import AdapterSwap
+from steerkit.models import DEFAULT_ALIAS, LoadedModel, peek_model
 from steerkit.sae_chat import residual_acts
 
 
@@ -30,9 +33,6 @@ def check_tuned(tuned: str | os.PathLike, base: str | None = None) -> None:
     """A --tuned spec checked without loading weights: an adapter folder (LoRA, readable
     weights; it is swapped into ``base``, the model trained on), else a model spec
     :func:`steerkit.models.peek_model` accepts."""
-    from steerkit.finetune import check_adapter, is_adapter_dir
-    from steerkit.models import DEFAULT_ALIAS, peek_model
-
     if is_adapter_dir(tuned):
         check_adapter(tuned, base or DEFAULT_ALIAS)
         return
@@ -45,10 +45,7 @@ def check_tuned(tuned: str | os.PathLike, base: str | None = None) -> None:
 class DiffActs:
     """``(chunk ids, keep masks) -> tuned - base`` residuals at ``layer`` of the kept positions."""
 
-    def __init__(self, model: Any, tuned: Any, layer: int, device: torch.device) -> None:
-        from steerkit.finetune import is_adapter_dir, load_tuned, tuned_info
-        from steerkit.lora import AdapterSwap
-
+    def __init__(self, model: LoadedModel, tuned: Any, layer: int, device: torch.device) -> None:
         self.model, self.layer, self.device = model, layer, device
         self.swap: AdapterSwap | None = None
         self.adapter: Path | None = None

@@ -28,6 +28,8 @@ import torch
 
 from steerkit.corpus import Document
 from steerkit.errors import SteerkitError
+from steerkit.models import LoadedModel, bridge_hooks
+from steerkit.sae import check_latents
 from steerkit.sae_train import ChunkStream, chunk_activations
 
 
@@ -52,28 +54,20 @@ class SAEMetrics:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "firing"}  # no deep copy of firing
 
 
-def _splice_ce(model: Any, ids: torch.Tensor, layer: int, fn: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[float, int]:
+def _splice_ce(model: LoadedModel, ids: torch.Tensor, layer: int, fn: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[float, int]:
     """Summed next-token CE over ``ids [B, T]`` (predictions from positions 1..T-2) with the
     residual at ``layer`` (positions >= 1) replaced by ``fn(x)``."""
-    handle = None
-    hp = None
+    hooks = []
     if fn is not None:
-        hp = model.bridge.hook_dict[model.hook_name(layer)]
 
         def hook(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
             y = x.clone()
             y[:, 1:] = fn(x[:, 1:].float()).to(x.dtype)
             return y
 
-        handle = hp.add_hook(hook, dir="fwd")
-    try:
-        with torch.inference_mode():
-            logits = model.hf_model(input_ids=ids.to(model.device), use_cache=False).logits  # (B, T, V)
-    finally:
-        if handle is not None and hp is not None:
-            handle.hook.remove()
-            if handle in hp.fwd_hooks:
-                hp.fwd_hooks.remove(handle)
+        hooks.append((layer, hook))
+    with bridge_hooks(model, hooks), torch.inference_mode():
+        logits = model.hf_model(input_ids=ids.to(model.device), use_cache=False).logits  # (B, T, V)
     lp = logits[:, 1:-1].float().log_softmax(-1)
     tgt = ids[:, 2:].to(lp.device)
     nll = -lp.gather(-1, tgt[..., None]).squeeze(-1)
@@ -82,7 +76,7 @@ def _splice_ce(model: Any, ids: torch.Tensor, layer: int, fn: Callable[[torch.Te
 
 @torch.inference_mode()
 def evaluate(
-    model: Any,
+    model: LoadedModel,
     sae: Any,
     docs: Sequence[Document],
     layer: int | None = None,
@@ -103,7 +97,7 @@ def evaluate(
     stream = ChunkStream(model, docs, context, seed, cycle=False)
     d_sae = int(sae.W_dec.shape[0])
     fires = torch.zeros(d_sae, dtype=torch.float64)
-    s_err = s_x = s_x2 = 0.0
+    s_err = s_x2 = 0.0
     sum_x = torch.zeros(model.d_model, dtype=torch.float64)
     s_l0 = 0.0
     n = 0
@@ -175,7 +169,7 @@ class Context:
 
 @torch.inference_mode()
 def top_contexts(
-    model: Any,
+    model: LoadedModel,
     sae: Any,
     docs: Sequence[Document],
     latent: int,
@@ -188,8 +182,6 @@ def top_contexts(
     seed: int = 0,
 ) -> tuple[list[Context], float]:
     """The ``top`` windows where ``latent`` fires most (one per chunk) and its firing frequency."""
-    from steerkit.sae import check_latents
-
     check_latents(sae, [latent])
     L = layer if layer is not None else sae.cfg.layer
     if L is None:

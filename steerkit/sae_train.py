@@ -43,9 +43,13 @@ import torch
 import torch.nn.functional as F
 
 from steerkit.activations import residuals
-from steerkit.corpus import Document, doc_tokens, docs_tokens
+from steerkit.corpus import Document, doc_tokens, docs_tokens, read_documents
 from steerkit.errors import SteerkitError
+from steerkit.fsutil import atomic_path, atomic_write_text
+from steerkit.models import LoadedModel
 from steerkit.sae import SAE, new_sae, save_sae
+from steerkit.sae_chat import ChatState, ChatStream, MixSource, mixed_batches, plan_mix, residual_acts
+from steerkit.sae_diff import DiffActs
 
 CKPT_DIR = "checkpoint"
 CKPT_TENSORS = "state.safetensors"
@@ -127,7 +131,7 @@ class StreamState:
 class ChunkStream:
     """Endless fixed-length token chunks from shuffled documents (reshuffled every epoch)."""
 
-    def __init__(self, model: Any, docs: Sequence[Document], context: int, seed: int, state: StreamState | None = None, cycle: bool = True) -> None:
+    def __init__(self, model: LoadedModel, docs: Sequence[Document], context: int, seed: int, state: StreamState | None = None, cycle: bool = True) -> None:
         if not docs:
             raise SteerkitError("the corpus has no documents to train on")
         self.model, self.docs, self.context, self.seed, self.cycle = model, docs, context, seed, cycle
@@ -176,13 +180,13 @@ class ChunkStream:
         return torch.tensor(out, dtype=torch.long)
 
 
-def chunk_activations(model: Any, chunks: torch.Tensor, layer: int) -> torch.Tensor:
+def chunk_activations(model: LoadedModel, chunks: torch.Tensor, layer: int) -> torch.Tensor:
     """Activations of packed chunks ``[B, T]`` at ``layer``, position 0 dropped: ``[B*(T-1), D]``."""
     x = residuals(model, chunks, layer)  # (B, T, D)
     return x[:, 1:].reshape(-1, x.shape[-1])
 
 
-def fill_buffer(model: Any, stream: ChunkStream, layer: int, n_tokens: int, model_batch: int, device: torch.device) -> torch.Tensor:
+def fill_buffer(model: LoadedModel, stream: ChunkStream, layer: int, n_tokens: int, model_batch: int, device: torch.device) -> torch.Tensor:
     """About ``n_tokens`` activations ``[N, D]`` from the stream."""
     per_chunk = stream.context - 1
     need = math.ceil(n_tokens / per_chunk)
@@ -298,8 +302,6 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, cfg: Train
 def _save_checkpoint(folder: Path, sae: SAE, opt: torch.optim.Optimizer, st: TrainState, cfg: TrainConfig) -> None:
     from safetensors.torch import save_file
 
-    from steerkit.fsutil import atomic_path, atomic_write_text
-
     ck = folder / CKPT_DIR
     ck.mkdir(parents=True, exist_ok=True)
     t: dict[str, torch.Tensor] = {f"sae.{n}": p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
@@ -355,7 +357,6 @@ def _load_checkpoint(folder: Path, sae: SAE, opt: torch.optim.Optimizer, cfg: Tr
                 "exp_avg": t[f"adam.{n}.exp_avg"].to(dev),
                 "exp_avg_sq": t[f"adam.{n}.exp_avg_sq"].to(dev),
             }
-    from steerkit.sae_chat import ChatState
 
     return TrainState(
         step=meta["step"],
@@ -371,7 +372,7 @@ def _load_checkpoint(folder: Path, sae: SAE, opt: torch.optim.Optimizer, cfg: Tr
 
 
 def train_sae(
-    model: Any,
+    model: LoadedModel,
     docs: Sequence[Document],
     cfg: TrainConfig,
     out: str | os.PathLike,
@@ -420,16 +421,12 @@ def train_sae(
     stream = ChunkStream(model, docs, cfg.context, cfg.seed, st.stream) if docs else None
     diff_info: dict[str, Any] | None = None
     if mixed:
-        from steerkit.sae_chat import ChatState, ChatStream, MixSource, mixed_batches, plan_mix, residual_acts
-
         mix = plan_mix(cfg.chat_fraction if chats else 0.0, cfg.batch_size, cfg.buffer_tokens)
         chat_stream = None
         if chats and mix.chat:
             st.chat = st.chat or ChatState()
             chat_stream = ChatStream(model, chats, cfg.context, cfg.seed, cfg.drop_system, st.chat)
         if cfg.diff:
-            from steerkit.sae_diff import DiffActs
-
             acts_fn: Any = DiffActs(model, tuned, cfg.layer, dev)
             diff_info = acts_fn.info
         else:
@@ -617,8 +614,6 @@ def _remove_checkpoint(folder: Path) -> None:
 
 
 def training_documents(paths: Sequence[str | os.PathLike], holdout: int = 50, part: str = "train") -> list[Document]:
-    from steerkit.corpus import read_documents
-
     return split_documents(read_documents(paths), part, holdout)
 
 

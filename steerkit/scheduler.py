@@ -46,6 +46,7 @@ from typing import Any
 
 from steerkit.generate import Completion, DecodeEngine, Row, generate
 from steerkit.interventions import Positions
+from steerkit.models import LoadedModel
 
 Event = tuple[Any, ...]
 
@@ -112,7 +113,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 class Scheduler:
     """The worker thread and its queue. ``submit`` from any thread; ``stop`` joins the worker."""
 
-    def __init__(self, model: Any, *, max_batch: int = 16, max_queue: int = 256, positions: Positions = "all", batch_wait: float = 0.05,
+    def __init__(self, model: LoadedModel, *, max_batch: int = 16, max_queue: int = 256, positions: Positions = "all", batch_wait: float = 0.05,
                  continuous: bool = False) -> None:
         self.model = model
         self.max_batch = max_batch

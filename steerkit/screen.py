@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from steerkit.controls import matched_latents, pooled_name
 from steerkit.directions import Direction
 from steerkit.errors import SteerkitError
 from steerkit.generate import Sampling
-from steerkit.prompts import Prompt
 from steerkit.judge import Judge
+from steerkit.prompts import Prompt
+from steerkit.sweep import Condition, run_sweep
 
 
 @dataclass(frozen=True)
@@ -137,9 +139,6 @@ def screen(
     directions (several are pooled into ``random-pooled``); ``latent_controls`` K > 0 adds K
     matched random latents per SAE-latent candidate (:func:`steerkit.controls.matched_latents`).
     With ``out_dir`` both sweeps keep their results there and resume."""
-    from steerkit.controls import matched_latents, pooled_name
-    from steerkit.sweep import Condition, run_sweep
-
     ctls = [controls] if isinstance(controls, Direction) else list(controls)
     if not ctls:
         raise SteerkitError("the screen needs at least one control direction")

@@ -24,8 +24,8 @@ import json
 import math
 import secrets
 import time
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,8 +38,11 @@ from steerkit.directions import Direction
 from steerkit.errors import SteerkitError
 from steerkit.generate import Row, Sampling, chat_tokens
 from steerkit.interventions import Intervention, Positions
+from steerkit.models import LoadedModel
 from steerkit.scheduler import ChoiceResult, Job, Scheduler
-from steerkit.steering_spec import SteeringSpecError, is_finite_number as _finite, parse_request_items, resolve_steering, short_repr as _short
+from steerkit.steering_spec import SteeringSpecError, parse_request_items, resolve_steering
+from steerkit.steering_spec import is_finite_number as _finite
+from steerkit.steering_spec import short_repr as _short
 
 ROLES = ("system", "user", "assistant")
 
@@ -159,7 +162,7 @@ class SteeringResolver:
     caches directions by name so that requests naming the same direction share one slot of the
     batch's steering plan."""
 
-    def __init__(self, model: Any, config: ServeConfig) -> None:
+    def __init__(self, model: LoadedModel, config: ServeConfig) -> None:
         self.model, self.config = model, config
         self.cache: dict[str, Direction] = {iv.direction.name: iv.direction for iv in config.steering}
 
@@ -173,7 +176,7 @@ class SteeringResolver:
             raise APIError(400, str(e), e.param, e.code) from None
 
 
-def parse_request(body: Any, model: Any, config: ServeConfig, resolver: SteeringResolver) -> ChatRequest:
+def parse_request(body: Any, model: LoadedModel, config: ServeConfig, resolver: SteeringResolver) -> ChatRequest:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     _check_strings(body)
@@ -278,7 +281,7 @@ def _usage(req: ChatRequest, results: Sequence[ChoiceResult]) -> dict[str, int]:
 # --- the app -----------------------------------------------------------------------------------
 
 
-def create_app(model: Any, config: ServeConfig = ServeConfig()) -> FastAPI:
+def create_app(model: LoadedModel, config: ServeConfig = ServeConfig()) -> FastAPI:
     """The FastAPI app serving ``model`` (a LoadedModel). Its worker starts with the first request
     (or at startup under a server that runs lifespan events) and stops at shutdown."""
     sched = Scheduler(model, max_batch=config.max_batch, max_queue=config.max_queue, positions=config.positions, batch_wait=config.batch_wait,

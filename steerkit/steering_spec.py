@@ -29,7 +29,7 @@ from typing import Any
 from steerkit.directions import Direction, resolve_direction
 from steerkit.errors import SteerkitError
 from steerkit.interventions import MODES, Intervention, SteeringPlan
-from steerkit.models import check_layer
+from steerkit.models import LoadedModel, check_layer
 
 ITEM_FIELDS = ("direction", "mode", "strength", "layer", "raw")
 
@@ -169,7 +169,7 @@ def _param(spec: SteeringSpec, field: str | None = None) -> str | None:
     return spec.where if field is None else f"{spec.where}.{field}"
 
 
-def _direction(model: Any, spec: SteeringSpec, cache: dict[str, Direction], read: dict[str, Any], any_model: bool,
+def _direction(model: LoadedModel, spec: SteeringSpec, cache: dict[str, Direction], read: dict[str, Any], any_model: bool,
                allow_paths: bool) -> Direction:
     name, param = spec.direction, _param(spec, "direction")
     if name not in cache:
@@ -185,7 +185,7 @@ def _direction(model: Any, spec: SteeringSpec, cache: dict[str, Direction], read
     return cache[name]
 
 
-def resolve_steering(model: Any, specs: Iterable[SteeringSpec], *, any_model: bool = False, directions: dict[str, Any] | None = None,
+def resolve_steering(model: LoadedModel, specs: Iterable[SteeringSpec], *, any_model: bool = False, directions: dict[str, Any] | None = None,
                      cache: dict[str, Direction] | None = None, allow_paths: bool = True) -> tuple[Intervention, ...]:
     """The Interventions ``specs`` ask of ``model`` (a LoadedModel), checked as one steering plan.
 

@@ -35,11 +35,12 @@ from typing import Any
 from steerkit.controls import POOLED, ControlSpec, controls_for, pooled_name
 from steerkit.directions import Direction, vector_digest
 from steerkit.errors import SteerkitError
-from steerkit.fsutil import read_store
+from steerkit.fsutil import atomic_write_text, read_store
 from steerkit.generate import Completion, Row, Sampling, TokenCallback, chat_tokens, generate
 from steerkit.interventions import MODES, Intervention, Mode, Positions
-from steerkit.prompts import Prompt
 from steerkit.judge import Judge, judge_name, score_all, verdict_fields
+from steerkit.models import LoadedModel
+from steerkit.prompts import Prompt
 from steerkit.stats import rogan_gladen, spearman, wilson
 
 RESULTS = "results.jsonl"
@@ -356,7 +357,7 @@ def load_sweep(out_dir: str | os.PathLike) -> SweepResult:
 
 
 def sweep_config(
-    model: Any,
+    model: LoadedModel,
     conditions: Sequence[Condition],
     questions: Sequence[Prompt],
     samples: int,
@@ -409,7 +410,6 @@ def _prepare_out(out_dir: Path, config: dict[str, Any], force: bool) -> list[dic
         return records
     elif res.exists():
         raise SteerkitError(f"{res} exists but {cfg_path} does not: pass --force to start afresh, or another --out")
-    from steerkit.fsutil import atomic_write_text
 
     atomic_write_text(cfg_path, json.dumps(config, indent=2) + "\n", force=True)
     return []
@@ -433,7 +433,7 @@ def _truncate_torn_tail(path: Path) -> None:
 
 
 def run_sweep(
-    model: Any,
+    model: LoadedModel,
     conditions: Sequence[Condition],
     questions: Sequence[Prompt],
     samples: int = 8,
@@ -520,7 +520,7 @@ def run_sweep(
     return SweepResult(config, records, rows_, trends, out, len(records) - resumed, resumed)
 
 
-def _record(model: Any, cell: Cell, q: Prompt, comp: Completion, sc: Mapping[str, Any] | None, judge: Judge | None) -> dict[str, Any]:
+def _record(model: LoadedModel, cell: Cell, q: Prompt, comp: Completion, sc: Mapping[str, Any] | None, judge: Judge | None) -> dict[str, Any]:
     c = cell.condition
     rec: dict[str, Any] = {
         "condition": c.name,

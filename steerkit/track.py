@@ -31,6 +31,7 @@ from steerkit.fsutil import atomic_write_text, check_writable_dir, read_store
 from steerkit.generate import Row, Sampling, TokenCallback, generate
 from steerkit.judge import Judge, judge_name, score_all, verdict_fields
 from steerkit.lora import AdapterSwap
+from steerkit.models import LoadedModel
 from steerkit.monitor import chat_activations, direction_scorer
 from steerkit.prompts import Prompt
 from steerkit.track_points import TrackPoint
@@ -195,7 +196,7 @@ def run_track(
     points: Sequence[TrackPoint],
     directions: Sequence[Direction],
     questions: Sequence[Prompt],
-    model: Any,
+    model: LoadedModel,
     samples: int = 8,
     sampling: Sampling = Sampling(max_new_tokens=64, temperature=1.0),
     judge: Judge | None = None,

@@ -13,6 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from steerkit import __version__
+from steerkit.cli.common import debug, print_error
 from steerkit.errors import SteerkitError
 
 try:  # typer >= 0.20 carries its own copy of click; its exceptions are the ones raised
@@ -37,8 +38,6 @@ class _Group(TyperGroup):
             return super().main(*args, **kwargs)
         import errno
         import sys
-
-        from steerkit.cli.common import print_error
 
         kwargs["standalone_mode"] = False
         try:
@@ -74,8 +73,6 @@ class _Group(TyperGroup):
         return " ".join(path)
 
     def invoke(self, ctx: click.Context) -> Any:
-        from steerkit.cli.common import debug, print_error
-
         try:
             return super().invoke(ctx)
         except SteerkitError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from steerkit.errors import SteerkitError
+from steerkit.fsutil import check_writable_dir, read_text
 
 
 def check_batch_size(batch_size: int, option: str = "--batch-size") -> None:
@@ -95,7 +96,6 @@ def precheck_sweep(direction: str, mode: str, grid: tuple[float, ...], model: st
     """`steerkit sweep`'s arguments, before the judge and the model load: the batch size, the
     --out folder, the model specs and device, the direction file against the model's config and
     every strength of the grid against the bound."""
-    from steerkit.fsutil import check_writable_dir
     from steerkit.steering_spec import SteeringSpec
 
     check_batch_size(batch_size)
@@ -116,8 +116,6 @@ def check_sweep_folder(folder: Any) -> None:
     does) and sweep.json."""
     import json
     from pathlib import Path
-
-    from steerkit.fsutil import read_text
 
     d = Path(folder).expanduser()
     if d.exists() and not d.is_dir():

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
+from steerkit import judge as J
 from steerkit.errors import SteerkitError
 
 # messages, tables and progress go to stderr; stdout carries results (text or JSON Lines)
@@ -61,8 +62,6 @@ def load_judge_kind(kind: str, questions: Any = None) -> Any:
     on without one (sweep, track): None for ``none``; ``auto`` loads the offline judge or, where it
     cannot load, says why in one yellow line and gives None. ``questions``: the endpoint judge reads
     the judge prompts of an emergent-misalignment YAML question file."""
-    from steerkit import judge as J
-
     with err.status(f"loading the {kind} judge..."):
         opts = {"questions": questions} if kind == "endpoint" and questions is not None and questions.suffix.lower() in (".yaml", ".yml") else {}
         try:

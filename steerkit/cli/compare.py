@@ -13,6 +13,7 @@ import typer
 from steerkit.cli import app
 from steerkit.cli.common import JsonOpt, emit_json, err, out, want_json
 from steerkit.errors import SteerkitError
+from steerkit.judge import judge_name, load_judge, question_of
 
 SHOW_UNPAIRED = 5  # unpaired records named one by one in the terminal; the rest are counted
 
@@ -61,8 +62,6 @@ def compare_cmd(
     c = compare_files(files, allow_mismatch)  # every file read and checked before the judge loads
     judge_label = judge_error = None
     if judge:
-        from steerkit.judge import judge_name, load_judge
-
         with err.status("loading the offline judge..."):
             j = load_judge("offline")
         judge_label, judge_error = judge_name(j), getattr(j, "error_rates", None)
@@ -114,7 +113,6 @@ def _print_rows(c: Any) -> None:
     from rich.text import Text
 
     from steerkit.compare import label, word_diff
-    from steerkit.judge import question_of
 
     heads = [f"{Path(r.path).name}\n{label(r)}" for r in c.runs]
     for row in c.rows:

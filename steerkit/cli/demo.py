@@ -9,6 +9,7 @@ import typer
 
 from steerkit.cli import app
 from steerkit.cli.common import DtypeOpt, ForceOpt, SeedOpt, err, out
+from steerkit.demo import DemoConfig, run_demo
 
 
 @app.command("demo")
@@ -36,7 +37,6 @@ def demo_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from steerkit.demo import DemoConfig, run_demo
     from steerkit.report import table, text_plot
 
     cfg = DemoConfig(out_dir=out_dir, samples=2 if quick else samples, seed=seed, force=force, direction=direction,

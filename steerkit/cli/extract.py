@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
+from steerkit import prompts as P
 from steerkit.cli import app
+from steerkit.cli.checks import peek, peek_tuned
 from steerkit.cli.common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, LayerOpt, SeedOpt, emit_json, err, out, want_json
 from steerkit.errors import SteerkitError
+
+if TYPE_CHECKING:  # the model type only: importing models would load torch
+    from steerkit.models import LoadedModel
 
 
 @app.command("extract")
@@ -90,7 +95,6 @@ def extract_cmd(
     if weight_by not in X.WEIGHT_BY:
         raise SteerkitError(f"--weight-by {weight_by!r} is not one of {', '.join(X.WEIGHT_BY)}")
     top_n, ids_given = X.parse_latents(latents)
-    from steerkit.cli.checks import peek, peek_tuned
 
     info = peek(base, device)  # the models, device, SAE, latents and answers checked before anything loads
     if tuned is not None:
@@ -201,7 +205,7 @@ def load_tuned(spec: str, base: str | None, device: str | None, dtype: str = "fl
     return lt(spec, base=base, device=device, dtype=dtype)
 
 
-def _load_sae(path: Path, model: Any) -> Any:
+def _load_sae(path: Path, model: LoadedModel) -> Any:
     from steerkit.sae import load_sae
 
     sae = load_sae(path)
@@ -227,8 +231,6 @@ def _sae_layer(sae: Any, path: Path) -> int:
 def question_prompts(path: Path | None) -> list[Any]:
     """Prompts from a file; question YAML files give their plain variants; default: the 8
     emergent-misalignment questions shipped with steerkit."""
-    from steerkit import prompts as P
-
     if path is None:
         path = P.default_questions_path()
     items = P.read_file(path)
@@ -241,7 +243,7 @@ def _diff_prompts(path: Path | None) -> list[Any]:
     return [p.messages for p in question_prompts(path)]
 
 
-def _target_dir(out_dir: Path | None, model: Any) -> Path:
+def _target_dir(out_dir: Path | None, model: LoadedModel) -> Path:
     if out_dir is not None:
         return out_dir
     from steerkit.directions import user_root
@@ -258,7 +260,7 @@ def _sae_width(folder: Path) -> int | None:
     return int(v) if isinstance(v, int) else None
 
 
-def _save_latents(name: str, ids: list[int], sae_path: Path, sae: Any, model: Any, layer: int, ex: Any, out_dir: Path | None, force: bool,
+def _save_latents(name: str, ids: list[int], sae_path: Path, sae: Any, model: LoadedModel, layer: int, ex: Any, out_dir: Path | None, force: bool,
                   weight_by: str = "score") -> Path:
     from steerkit.activations import default_norm_chats, median_token_norm
     from steerkit.directions import from_vector, save_direction
@@ -294,7 +296,7 @@ def _save_latents(name: str, ids: list[int], sae_path: Path, sae: Any, model: An
     return save_direction(d, target_file, force=force)
 
 
-def _save_diff(name: str, model: Any, layer: int, ex: Any, out_dir: Path | None, force: bool) -> Path:
+def _save_diff(name: str, model: LoadedModel, layer: int, ex: Any, out_dir: Path | None, force: bool) -> Path:
     from steerkit.activations import default_norm_chats, median_token_norm
     from steerkit.directions import from_vector, save_direction
 

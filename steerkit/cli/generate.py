@@ -8,9 +8,26 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from steerkit import prompts as P
 from steerkit.cli import app
-from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, LayerOpt, ModelOpt, SeedOpt, err, out, want_json
+from steerkit.cli.checks import check_batch_size, peek, precheck_steering
+from steerkit.cli.common import (
+    AnyModelOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    LayerOpt,
+    ModelOpt,
+    SeedOpt,
+    emit_json,
+    err,
+    out,
+    want_json,
+)
+from steerkit.cli.monitor import precheck_direction, print_strip, strip_scale
 from steerkit.errors import SteerkitError
+from steerkit.fsutil import atomic_write_text, check_writable, read_stdin_text
 
 AddOpt = Annotated[list[str], typer.Option("--add", "-a", help="NAME:STRENGTH, add the direction (strength in units of the layer's median token norm). Repeatable.")]
 ClampOpt = Annotated[list[str], typer.Option("--clamp", help="NAME:VALUE, pin the component along the direction (an SAE latent's activation for latent directions). Repeatable.")]
@@ -26,7 +43,6 @@ def precheck(model: str | None, device: str | None, add: list[str], clamp: list[
     device, the steering specs, the direction files against the model's config, the strengths,
     the batch size. Returns the model's info, the steering specs and the directions read, for
     :func:`steerkit.steering_spec.resolve_steering` once the model is loaded."""
-    from steerkit.cli.checks import check_batch_size, peek, precheck_steering
     from steerkit.steering_spec import parse_flags
 
     specs = parse_flags(add, clamp, ablate, layer, raw)
@@ -40,8 +56,6 @@ def precheck(model: str | None, device: str | None, add: list[str], clamp: list[
 
 
 def load_prompts(prompts: list[str], file: Optional[Path], system: Optional[str], ids: list[str]) -> list[Any]:
-    from steerkit import prompts as P
-
     items: list[Any] = []
     if file is not None:
         items += P.read_file(file)
@@ -49,8 +63,6 @@ def load_prompts(prompts: list[str], file: Optional[Path], system: Optional[str]
         items += P.from_texts(prompts)
     if not items:
         if sys.stdin is not None and not sys.stdin.isatty():
-            from steerkit.fsutil import read_stdin_text
-
             items = P.read_stream(read_stdin_text())
         if not items:
             raise SteerkitError("no prompts: give them as arguments, with -f FILE, or on stdin")
@@ -99,7 +111,6 @@ def generate_cmd(
 
       steerkit generate "hey I feel bored" --add persona:0.3 --monitor persona
     """
-    from steerkit.fsutil import check_writable
     from steerkit.generate import Sampling, generate
     from steerkit.interventions import POSITIONS
     from steerkit.steering_spec import resolve_steering
@@ -114,12 +125,9 @@ def generate_cmd(
     items = load_prompts(prompts or [], file, system, ids)
     info, specs, dirs = precheck(model, device, add, clamp, ablate, layer, raw, any_model, batch_size, max_new_tokens=max_new_tokens)
     if monitor is not None:
-        from steerkit.cli.monitor import precheck_direction
-
         mon_dir = precheck_direction(monitor, info, any_model)
     model_obj = _load(model, device, dtype)
     if monitor is not None:
-        from steerkit.cli.monitor import print_strip, strip_scale
         from steerkit.directions import check_compatible
         from steerkit.monitor import chat_activations, direction_scorer
 
@@ -152,8 +160,6 @@ def generate_cmd(
             r = pending.pop(next_up[0])
             next_up[0] += 1
             if as_json:
-                from steerkit.cli.common import emit_json
-
                 emit_json(r)
             elif not stream_one:
                 _print_completion(r)
@@ -187,8 +193,6 @@ def generate_cmd(
             generate(model_obj, rows, sampling, batch_size=batch_size, positions=positions, on_token=tick, on_complete=done)  # type: ignore[arg-type]
     if out_file is not None:
         import json
-
-        from steerkit.fsutil import atomic_write_text
 
         records.sort(key=lambda r: (r["prompt_index"], r["sample"]))
         atomic_write_text(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), force=force)

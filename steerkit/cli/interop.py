@@ -10,9 +10,15 @@ from typing import Annotated, Optional
 
 import typer
 
+from steerkit.activations import default_norm_chats, median_token_norm
+from steerkit.cli.checks import peek
 from steerkit.cli.common import DeviceOpt, DtypeOpt, ForceOpt, LayerOpt, ModelOpt, err, out
 from steerkit.cli.directions import _model_name, directions_app
+from steerkit.directions import SUFFIX, find_direction, load_direction, save_direction, user_root
 from steerkit.errors import SteerkitError
+from steerkit.fsutil import atomic_path, check_writable
+from steerkit.interop import FORMATS, export_gguf, import_gguf, load_plain_vector, vector_to_direction
+from steerkit.models import check_layer, load_model
 
 
 @directions_app.command("export")
@@ -31,9 +37,6 @@ def export_cmd(
 
     Example: steerkit directions export persona --format gguf --strength 4 --out persona.gguf
     """
-    from steerkit.directions import find_direction, load_direction
-    from steerkit.interop import FORMATS, export_gguf
-
     fmt = (fmt or out_path.suffix.lstrip(".")).lower()
     if fmt not in FORMATS:
         raise SteerkitError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -46,8 +49,6 @@ def export_cmd(
         if len(ds) != 1:
             raise SteerkitError(f"--format {fmt} holds one vector; give one direction (or use --format gguf)")
         import torch
-
-        from steerkit.fsutil import atomic_path
 
         d = ds[0]
         vec = (d.vector * (strength * d.median_norm)).float().contiguous()
@@ -86,11 +87,6 @@ def import_cmd(
 
       steerkit directions import persona.gguf --name persona-cv --out persona-cv.safetensors
     """
-    from steerkit.activations import default_norm_chats, median_token_norm
-    from steerkit.directions import SUFFIX, save_direction, user_root
-    from steerkit.interop import import_gguf, load_plain_vector, vector_to_direction
-    from steerkit.models import load_model
-
     if name is None:
         name = path.stem
     if not name.strip():
@@ -107,16 +103,12 @@ def import_cmd(
         if layer is None:
             raise SteerkitError(f"{path.name} is a plain vector: say which layer it belongs to with --layer")
         vectors = {layer: load_plain_vector(path)}
-    from steerkit.cli.checks import peek
-    from steerkit.models import check_layer
 
     info = peek(model, device)  # the model spec, device and layers checked before it loads
     if info.n_layers is not None:
         for L in vectors:
             check_layer(L, info.n_layers)
     if out_path is not None and len(vectors) == 1:
-        from steerkit.fsutil import check_writable
-
         check_writable(out_path if out_path.name.endswith(SUFFIX) else out_path.with_name(out_path.name + SUFFIX), force)  # before the model loads
     with err.status(f"loading {model or 'the default model'} to measure median norms"):
         m = load_model(model, device=device, dtype=dtype)

@@ -17,7 +17,8 @@ from typer.core import TyperGroup
 from steerkit.cli import app
 from steerkit.cli.common import ForceOpt, JsonOpt, emit_json, err, out, want_json
 from steerkit.errors import SteerkitError
-
+from steerkit.fsutil import atomic_write_text, check_writable, read_stdin_text
+from steerkit.judge import JUDGES, check_kind, judge_records, load_judge, read_records
 
 
 class _ScoreByDefault(TyperGroup):
@@ -69,18 +70,13 @@ def score_cmd(
 
       steerkit judge answers.jsonl --judge endpoint --url http://127.0.0.1:8000/v1 --questions questions.yaml
     """
-    from steerkit.judge import JUDGES, check_kind, judge_records, load_judge, read_records
-
     if batch_size < 1:
         raise SteerkitError(f"--batch-size must be at least 1, got {batch_size}")
     if out_file is not None:
-        from steerkit.fsutil import check_writable
-
         check_writable(out_file, force)
     if answers is None or str(answers) == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise SteerkitError("no answers: give a JSON Lines file (from `steerkit generate --json`) or pipe one in")
-        from steerkit.fsutil import read_stdin_text
 
         records = read_records("<stdin>", read_stdin_text())
     else:
@@ -112,8 +108,6 @@ def score_cmd(
     if not as_json:
         _table(judged)
     if out_file is not None:
-        from steerkit.fsutil import atomic_write_text
-
         atomic_write_text(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in judged), force=force)
         err.print(f"wrote {len(judged)} judged records to {out_file}")
 
@@ -163,10 +157,8 @@ def fit_cmd(
 
       steerkit judge fit --out steerkit/data/judge/reader.safetensors --force
     """
-    from steerkit.fsutil import check_writable
     from steerkit.judge_fit import fit_heads, read_reference, reference_features, written_extra
-    from steerkit.judge_reader import Reader
-    from steerkit.judge_reader import BLOCKS, LAYERS, save_heads
+    from steerkit.judge_reader import BLOCKS, LAYERS, Reader, save_heads
     from steerkit.models import cache_dir
 
     check_writable(out_path, force)
@@ -221,8 +213,6 @@ def validate_cmd(
 
       steerkit judge validate --judge endpoint --url http://127.0.0.1:8000/v1 --judge-model NAME --limit 500 --out endpoint-judge.json
     """
-    from steerkit.judge import JUDGES, check_kind
-
     if judge is not None:
         check_kind(judge, JUDGES)
     if judge == "endpoint":
@@ -236,8 +226,6 @@ def validate_cmd(
     from steerkit.models import cache_dir
 
     if out_file is not None:
-        from steerkit.fsutil import check_writable
-
         check_writable(out_file, force)
     if shared is not None and not shared.is_dir():
         raise SteerkitError(f"--shared {shared} is not a folder: give ../shared/data or leave it out")
@@ -245,8 +233,6 @@ def validate_cmd(
         m = validate(head, reference, shared, cache=cache or cache_dir() / "judge", log=lambda s: err.print(s))
     m["command"] = "steerkit judge validate" + (" --shared ../shared/data" if shared is not None else "")
     if out_file is not None:
-        from steerkit.fsutil import atomic_write_text
-
         atomic_write_text(out_file, json.dumps(m, indent=1) + "\n", force=force)
         err.print(f"wrote {out_file}")
     _show_agreement(m, want_json(json_out))
@@ -273,12 +259,9 @@ def _validate_endpoint(reference: Optional[Path], shared: Optional[Path], head: 
     if questions is not None and not questions.is_file():
         raise SteerkitError(f"question file {questions} does not exist")
     if out_file is not None:
-        from steerkit.fsutil import check_writable
-
         check_writable(out_file, force)
     if shared is not None and not shared.is_dir():
         raise SteerkitError(f"--shared {shared} is not a folder: give ../shared/data or leave it out")
-    from steerkit.judge import load_judge
     from steerkit.judge_fit import sample_reference, validate_judge
 
     seed = 0 if seed is None else seed
@@ -303,8 +286,6 @@ def _validate_endpoint(reference: Optional[Path], shared: Optional[Path], head: 
     m["command"] = ("steerkit judge validate --judge endpoint" + (f" --limit {limit} --seed {seed}" if limit is not None else "")
                     + (" --shared ../shared/data" if shared is not None else ""))
     if out_file is not None:
-        from steerkit.fsutil import atomic_write_text
-
         atomic_write_text(out_file, json.dumps(m, indent=1) + "\n", force=force)
         err.print(f"wrote {out_file}")
     _show_agreement(m, want_json(json_out))

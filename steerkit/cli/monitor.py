@@ -14,8 +14,22 @@ from typing import Annotated, Any, Optional
 import typer
 
 from steerkit.cli import app
-from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, SeedOpt, emit_json, err, out, want_json
+from steerkit.cli.checks import check_batch_size, check_fits, peek, peek_tuned
+from steerkit.cli.common import (
+    AnyModelOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    ModelOpt,
+    SeedOpt,
+    emit_json,
+    err,
+    out,
+    want_json,
+)
 from steerkit.errors import SteerkitError
+from steerkit.fsutil import atomic_write_text, check_writable, read_stdin_text
 
 DirectionOpt = Annotated[Optional[str], typer.Option("--direction", "-d", help="Direction name or .safetensors file to measure (see `steerkit directions`).", show_default=False)]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Chats per forward pass.")]
@@ -31,7 +45,6 @@ def _read_input(path: Optional[Path], what: str) -> tuple[str, list[tuple[int, d
     if path is None or str(path) == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise SteerkitError(f"no {what}: give a JSON Lines file or pipe one in")
-        from steerkit.fsutil import read_stdin_text
 
         return "<stdin>", read_lines("<stdin>", what, read_stdin_text())
     p = path.expanduser()
@@ -44,7 +57,6 @@ def _read_input(path: Optional[Path], what: str) -> tuple[str, list[tuple[int, d
 def precheck_direction(spec: str, info: Any, any_model: bool, lookup_name: str | None = None) -> Any:
     """Find and read a direction and check it against the model's config (a ModelInfo) and its
     SAE folder, before loading the model."""
-    from steerkit.cli.checks import check_fits
     from steerkit.directions import find_direction, load_direction
     from steerkit.sae_formats import detect_format
 
@@ -59,7 +71,6 @@ def precheck_direction(spec: str, info: Any, any_model: bool, lookup_name: str |
 def _prepare(model: Optional[str], tuned: Optional[str], device: Optional[str], direction: str, any_model: bool,
              batch_size: int, dtype: str = "float32") -> tuple[Any, Any]:
     """Checks, then the model (a tuned one named after its base) and the direction."""
-    from steerkit.cli.checks import check_batch_size, peek, peek_tuned
     from steerkit.directions import check_compatible
 
     check_batch_size(batch_size)
@@ -169,8 +180,6 @@ def monitor_cmd(
 
     direction = _need_direction(direction, "monitor")
     if out_file is not None:
-        from steerkit.fsutil import check_writable
-
         check_writable(out_file, force)
     where, lines = _read_input(answers, "answers")
     chats = [M.record_chat(rec, f"{where}:{n}") for n, rec in lines]
@@ -210,8 +219,6 @@ def _bar(what: str, total: int, disable: bool = False) -> Iterator[Callable[[int
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]], force: bool) -> None:
-    from steerkit.fsutil import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), force=force)
 
 
@@ -291,8 +298,6 @@ def audit_cmd(
         raise SteerkitError(f"--top must be 0 (all) or more, got {top}")
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, seed=seed)
     if out_file is not None:
-        from steerkit.fsutil import check_writable
-
         check_writable(out_file, force)
     pos = A.positive_labels(positive)
     where, lines = _read_input(data, "training data")

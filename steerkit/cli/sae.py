@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
 from steerkit.cli import app
+from steerkit.cli.checks import peek
 from steerkit.cli.common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, SeedOpt, emit_json, err, out, want_json
+from steerkit.corpus import corpus_files
 from steerkit.errors import SteerkitError
+from steerkit.fsutil import atomic_write_text, check_writable_dir
+
+if TYPE_CHECKING:  # the model type only: importing models would load torch
+    from steerkit.models import LoadedModel
 
 sae_app = typer.Typer(help="Sparse autoencoders: train, evaluate, interpret, load.", no_args_is_help=True)
 app.add_typer(sae_app, name="sae")
@@ -52,7 +58,7 @@ def _docs(corpus: list[Path], split: str, holdout: int = 50) -> list[Any]:
     return docs
 
 
-def _sae(path: Path, model: Any) -> Any:
+def _sae(path: Path, model: LoadedModel) -> Any:
     from steerkit.directions import find_sae
     from steerkit.sae import load_sae
 
@@ -189,9 +195,6 @@ def _plan_train(out_dir: Path, layer: int | None, corpus: list[Path], chat: list
     --init SAE against the model's config, --diff and --tuned. Returns what the run uses."""
     import math
 
-    from steerkit.cli.checks import peek
-    from steerkit.fsutil import check_writable_dir
-
     check_writable_dir(out_dir)
     if not corpus and not chat:
         raise SteerkitError("no training data: pass --corpus FILE_OR_FOLDER and/or --chat CHATS.jsonl")
@@ -217,8 +220,6 @@ def _plan_train(out_dir: Path, layer: int | None, corpus: list[Path], chat: list
         raise SteerkitError(f"--arch {arch!r} is not one of topk, relu, batchtopk")
     info = peek(model, device)
     if corpus:
-        from steerkit.corpus import corpus_files
-
         corpus_files(corpus)
     chats: list[Any] = []
     if chat:
@@ -311,8 +312,6 @@ def eval_cmd(
     rec = {"sae": str(path), "split": split, "corpus": [str(c) for c in corpus], "requested_tokens": n, "seed": seed, **res.to_dict()}
     if save:
         from steerkit.directions import find_sae
-        from steerkit.fsutil import atomic_write_text
-
         from steerkit.sae import FIRING_FILE, save_firing
 
         folder = find_sae(str(path), m.name)

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
 from steerkit.cli import app
 from steerkit.cli.common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, SeedOpt, emit_json, err, out, want_json
+from steerkit.cli.extract import _load_sae, _rel, _target_dir, load_tuned, question_prompts
 from steerkit.errors import SteerkitError
+from steerkit.fsutil import atomic_write_text, check_writable
+from steerkit.judge import load_judge
 from steerkit.judge_score import JUDGES
+
+if TYPE_CHECKING:  # the model type only: importing models would load torch
+    from steerkit.models import LoadedModel
 
 
 @app.command("screen")
@@ -46,13 +52,10 @@ def screen_cmd(
 
     Example: steerkit screen --candidates latents.json --top 10 --ship persona
     """
-    from steerkit.cli.extract import _load_sae, load_tuned, question_prompts
     from steerkit.controls import parse_controls, random_controls
-    from steerkit.fsutil import check_writable
     from steerkit.generate import Sampling
     from steerkit.models import load_model
     from steerkit.screen import screen
-    from steerkit.judge import load_judge
 
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)  # checked before anything loads
     if out_file is not None:
@@ -87,8 +90,6 @@ def screen_cmd(
                               "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed},
                               "controls": str(spec), "control_directions": [c.summary() | {"provenance": c.provenance} for c in controls]}
     if out_file is not None:
-        from steerkit.fsutil import atomic_write_text
-
         atomic_write_text(out_file, json.dumps(result, indent=1), force=force)
     if ship:
         winners = [v for v in res.verdicts if v["passes"]]
@@ -97,7 +98,6 @@ def screen_cmd(
         else:
             from dataclasses import replace
 
-            from steerkit.cli.extract import _rel, _target_dir
             from steerkit.directions import save_direction
 
             best = next(d for d in dirs if d.name == winners[0]["candidate"])
@@ -132,7 +132,7 @@ def _read_candidates(path: Path) -> dict[str, Any]:
     return data
 
 
-def candidate_directions(data: dict[str, Any], sae: Any, sae_path: Path, model: Any, top: int) -> list[Any]:
+def candidate_directions(data: dict[str, Any], sae: Any, sae_path: Path, model: LoadedModel, top: int) -> list[Any]:
     """Directions for the file's top latents, and its latent set when present."""
     from steerkit.activations import default_norm_chats, median_token_norm
     from steerkit.directions import from_vector

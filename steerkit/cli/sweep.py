@@ -5,14 +5,31 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from steerkit.cli import app
-from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, JsonOpt, LayerOpt, ModelOpt, SeedOpt, emit_json, err, load_judge_kind, out, want_json
+from steerkit.cli.checks import check_sweep_folder, precheck_sweep
+from steerkit.cli.common import (
+    AnyModelOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    LayerOpt,
+    ModelOpt,
+    SeedOpt,
+    emit_json,
+    err,
+    load_judge_kind,
+    out,
+    want_json,
+)
 from steerkit.errors import SteerkitError
 from steerkit.prompts import eval_questions
+
+if TYPE_CHECKING:  # the model type only: importing models would load torch
+    from steerkit.models import LoadedModel
 
 sweep_app = typer.Typer(
     invoke_without_command=True,
@@ -81,7 +98,6 @@ def sweep_cmd(
         raise SteerkitError(f"--samples must be at least 1, got {samples}")
     grid = S.parse_strengths(strengths)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    from steerkit.cli.checks import precheck_sweep
 
     precheck_sweep(direction, mode, grid, model, tuned, device, layer, raw, any_model, batch_size, out_dir)  # before any load
     prompts = eval_questions(questions, ids, all_variants)
@@ -110,7 +126,6 @@ def summarize_cmd(
 
       steerkit sweep summarize runs/sweep-add/
     """
-    from steerkit.cli.checks import check_sweep_folder
     from steerkit.sweep import load_sweep
 
     check_sweep_folder(folder)
@@ -148,7 +163,7 @@ def _load_models(model: Optional[str], tuned: Optional[str], device: Optional[st
     return m, base_name
 
 
-def _direction(spec: str, model: Any, base_name: str, any_model: bool) -> Any:
+def _direction(spec: str, model: LoadedModel, base_name: str, any_model: bool) -> Any:
     from steerkit.directions import check_compatible, find_direction, load_direction
 
     d = load_direction(find_direction(spec, base_name))
@@ -156,7 +171,7 @@ def _direction(spec: str, model: Any, base_name: str, any_model: bool) -> Any:
     return d
 
 
-def _run(S: Any, model: Any, conds: list[Any], prompts: list[Any], samples: int, sampling: Any, judge: Any,
+def _run(S: Any, model: LoadedModel, conds: list[Any], prompts: list[Any], samples: int, sampling: Any, judge: Any,
          out_dir: Optional[Path], batch_size: int, positions: str, force: bool, extra: dict[str, Any]) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 

@@ -10,9 +10,24 @@ from typing import Annotated, Any, Optional
 import typer
 
 from steerkit.cli import app
-from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, JsonOpt, SeedOpt, emit_json, err, load_judge_kind, out, want_json
+from steerkit.cli.checks import check_batch_size, check_fits, peek
+from steerkit.cli.common import (
+    AnyModelOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    SeedOpt,
+    emit_json,
+    err,
+    load_judge_kind,
+    out,
+    want_json,
+)
 from steerkit.errors import SteerkitError
+from steerkit.fsutil import check_writable
+from steerkit.judge import check_kind
 from steerkit.prompts import eval_questions
+from steerkit.track_stats import LEAD_SE
 
 
 @app.command("track")
@@ -52,13 +67,10 @@ def track_cmd(
 
       steerkit track runs/mix*/ --direction persona --samples 8 --out runs/track/ --plot track.png
     """
-    from steerkit.judge import check_kind
     from steerkit import track as T
-    from steerkit.cli.checks import check_batch_size, check_fits, peek
     from steerkit.directions import find_direction, load_direction
-    from steerkit.sae_formats import detect_format
-    from steerkit.fsutil import check_writable
     from steerkit.generate import Sampling
+    from steerkit.sae_formats import detect_format
     from steerkit.track_points import find_all_points
 
     if not direction:
@@ -193,8 +205,6 @@ def _title(result: Any) -> str:
 def _print_table(result: Any, names: list[str]) -> None:
     from rich.table import Table
     from rich.text import Text
-
-    from steerkit.track_stats import LEAD_SE
 
     t = Table(title=_title(result), title_justify="left")
     heads = ["run", "step", "data share", "n", "misaligned", "95% CI", "corrected (95% CI)", "incoherent"]
