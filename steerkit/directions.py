@@ -17,6 +17,9 @@ part), both in the SAE basis with the reconstruction error kept (:mod:`steerkit.
 
 Names resolve from the user's folder (``$STEERKIT_HOME/directions/<model>/``), then the shipped
 ``directions/<model>/``; anything that looks like a path is read as a path.
+
+Why one module of this size: the direction file format, its reader and writer, name resolution
+and the compatibility checks change together whenever the format does.
 """
 
 from __future__ import annotations

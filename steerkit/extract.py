@@ -32,6 +32,9 @@ of a ranking or a list of ids, weighted by a ranking's numbers, as one direction
 Dense latents (firing on more than ``dense_threshold`` of first-condition tokens) are flagged
 and ranked last unless ``keep_dense``. What it leaves out: picking the persona, which is the
 causal screen's job (`steerkit screen`).
+
+Why one module of this size: model diffing and contrastive extraction share the per-latent
+statistics, the ranking and the record they return.
 """
 
 from __future__ import annotations

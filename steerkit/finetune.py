@@ -25,6 +25,9 @@ and ``load_tuned`` load it like any other.
 
 What it leaves out: full fine-tuning, quantized (QLoRA) training, gradient accumulation,
 packing, multi-turn loss weighting and resuming an interrupted run (its checkpoints remain).
+
+Why one module of this size: reading and encoding chats, data mixes, the training loop and its
+checkpoints share one config that every checkpoint records.
 """
 
 from __future__ import annotations

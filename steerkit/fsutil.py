@@ -160,6 +160,32 @@ def read_store(path: str | os.PathLike, fix: str = "fix or delete that line") ->
     return out
 
 
+def read_json_lines(path: str | os.PathLike, what: str = "records", text: str | None = None, hint: str = "give a JSON Lines file",
+                    shape: str = "a JSON object") -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each record of a JSON Lines file; ``text`` instead of reading
+    ``path`` (stdin: ``path`` then only names it in errors, e.g. ``<stdin>``). ``what`` names
+    the file, ``hint`` says what to give when it is missing, ``shape`` what a line must hold."""
+    p = Path(path).expanduser()
+    if text is None:
+        if not p.is_file():
+            raise SteerkitError(f"{what} file {p} does not exist: {hint}")
+        text = read_text(p, f"{what} file")
+    recs: list[tuple[int, dict[str, Any]]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SteerkitError(f"{p}:{n} is not valid JSON ({e.msg}): each line must be one record") from None
+        if not isinstance(rec, dict):
+            raise SteerkitError(f"{p}:{n}: expected {shape}")
+        recs.append((n, rec))
+    if not recs:
+        raise SteerkitError(f"{p} holds no records")
+    return recs
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
     """A JSON object file (a config), with one-line errors for a missing or unreadable file,
     invalid JSON, or JSON that is not an object."""

@@ -12,6 +12,9 @@ runs static batches on it, the server's scheduler lets rows join it between deco
 Positions (``positions``): ``all`` steers every token but the first (the attention sink);
 ``prompt`` only prompt tokens; ``generated`` the last prompt token (whose output is the first
 new token) and every generated token.
+
+Why one module of this size: the decode loop, its KV cache, per-row sampling and the continuous-
+batching step share the live rows' state; splitting them would expose it.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ by up to 1/256 of the component it sets).
 :class:`SteeringPlan` gathers interventions for a batch in which each row may carry its own
 (different strengths in one forward pass, as sweeps and the server need); :func:`steering`
 installs it as TransformerLens hooks and removes them on every exit path.
+
+Why one module of this size: the pure functions and the plan that batches them per row are
+checked against the same numbers; the plan is the only caller of the functions.
 """
 
 from __future__ import annotations

@@ -19,13 +19,12 @@ leaves out: generating answers and summarising rates (see :mod:`steerkit.sweep`)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from steerkit.errors import SteerkitError
-from steerkit.fsutil import check_unicode, read_text
+from steerkit.fsutil import check_unicode, read_json_lines
 from steerkit.judge_llm import EndpointJudge
 from steerkit.judge_score import (  # noqa: F401 - re-exported: the names every judge shares
     ALIGNED_BELOW,
@@ -91,29 +90,14 @@ def verdict_fields(sc: Mapping[str, Any] | None, judge: Judge | None) -> dict[st
 def read_records(path: str | Path, text: str | None = None) -> list[dict[str, Any]]:
     """Records of ``steerkit generate --json`` (each needs ``completion`` and ``prompt`` or
     ``question`` or ``messages``); ``text`` instead of reading ``path`` (stdin)."""
-    p = Path(path)
-    if text is None:
-        if not p.is_file():
-            raise SteerkitError(f"answers file {p} does not exist: give the JSON Lines written by `steerkit generate --json`")
-        text = read_text(p, "answers file")
-    recs: list[dict[str, Any]] = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SteerkitError(f"{p}:{n} is not valid JSON ({e.msg}): each line must be one record") from None
-        if not isinstance(rec, dict):
-            raise SteerkitError(f"{p}:{n}: expected a JSON object with 'prompt' and 'completion'")
+    lines = read_json_lines(path, "answers", text, hint="give the JSON Lines written by `steerkit generate --json`",
+                            shape="a JSON object with 'prompt' and 'completion'")
+    for n, rec in lines:
         if not isinstance(rec.get("completion"), str):
-            raise SteerkitError(f"{p}:{n}: the record has no 'completion' string (the answer to judge)")
-        check_unicode(rec["completion"], f"{p}:{n}: the completion")
-        check_unicode(question_of(rec, f"{p}:{n}"), f"{p}:{n}: the question")
-        recs.append(rec)
-    if not recs:
-        raise SteerkitError(f"{p} holds no records")
-    return recs
+            raise SteerkitError(f"{path}:{n}: the record has no 'completion' string (the answer to judge)")
+        check_unicode(rec["completion"], f"{path}:{n}: the completion")
+        check_unicode(question_of(rec, f"{path}:{n}"), f"{path}:{n}: the question")
+    return [rec for _, rec in lines]
 
 
 def question_of(rec: dict[str, Any], where: str = "record") -> str:

@@ -20,6 +20,9 @@ A judge that was not fitted on the reference set (an LLM on an endpoint) is meas
 
 What it leaves out: reading the answers (:mod:`steerkit.judge_reader`) and labelling them
 (``bench/reference_labels.py``).
+
+Why one module of this size: fitting and validation read the same reference set and the same
+question folds; kept together, validation runs on exactly the features the fit used.
 """
 
 from __future__ import annotations

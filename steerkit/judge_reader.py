@@ -40,7 +40,7 @@ from steerkit.chat import as_messages, chat_tokens
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import atomic_write_bytes
 from steerkit.judge_score import Pair, Score, coherence
-from steerkit.models import _quiet_transformers, resolve_spec
+from steerkit.models import load_pretrained, resolve_spec
 
 FORMAT = "steerkit.judge-reader/1"
 READER = "smollm2-135m"  # the model that reads the answers
@@ -79,15 +79,12 @@ class Reader:
         if model is not None and tokenizer is not None:
             self.name, self.model, self.tokenizer, self.device = spec, model.eval(), tokenizer, device
             return
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.name, source = resolve_spec(spec)
-        with _quiet_transformers():
-            try:
-                self.tokenizer = AutoTokenizer.from_pretrained(source)
-                self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
-            except OSError as e:
-                raise SteerkitError(f"the judge's reader {spec} could not be loaded: {str(e).splitlines()[0]}") from e
+        try:
+            self.tokenizer, model = load_pretrained(source, device, torch.float32, attention="sdpa")
+        except SteerkitError as e:
+            raise SteerkitError(f"the judge's reader {spec} could not be loaded: {e}") from e
+        self.model = model.eval()
         self.device = device
 
     def prompt_ids(self, question: str) -> list[int]:

@@ -18,12 +18,10 @@ examples is :mod:`steerkit.audit`'s.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +30,7 @@ from steerkit.activations import pad_left, residuals
 from steerkit.chat import Messages, chat_tokens
 from steerkit.directions import Direction, check_compatible
 from steerkit.errors import SteerkitError
-from steerkit.fsutil import check_unicode, read_text
+from steerkit.fsutil import check_unicode, read_json_lines
 from steerkit.judge import question_of
 from steerkit.models import LoadedModel
 from steerkit.prompts import check_messages, with_system
@@ -237,26 +235,7 @@ def read_lines(path: str | os.PathLike, what: str = "answers", text: str | None 
     """(line number, JSON object) of each record of a JSON Lines file; ``text`` instead of
     reading ``path`` (stdin: ``path`` then only names it in errors, e.g. ``<stdin>``). ``what``
     names the file in errors."""
-    p = Path(path).expanduser()
-    if text is None:
-        if not p.is_file():
-            raise SteerkitError(f"{what} file {p} does not exist: give a JSON Lines file")
-        text = read_text(p, f"{what} file")
-    where = str(p)
-    recs: list[tuple[int, dict[str, Any]]] = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SteerkitError(f"{where}:{n} is not valid JSON ({e.msg}): each line must be one record") from None
-        if not isinstance(rec, dict):
-            raise SteerkitError(f"{where}:{n}: expected a JSON object with 'messages', or 'prompt' and 'completion'")
-        recs.append((n, rec))
-    if not recs:
-        raise SteerkitError(f"{where} holds no records")
-    return recs
+    return read_json_lines(path, what, text, shape="a JSON object with 'messages', or 'prompt' and 'completion'")
 
 
 def record_chat(rec: dict[str, Any], where: str) -> Messages:

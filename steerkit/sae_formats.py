@@ -53,6 +53,9 @@
 
 The loaded SAE carries ``source_format`` (one of :data:`FORMATS`) and, for the two foreign
 layouts, ``cfg.extra["source"]`` with what it was converted from.
+
+Why one module of this size: one short reader per published layout, sharing the table that
+detects the layout; a module per layout would be a dozen small files.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ so it reads one token at a time like any other (its ``cfg.json`` records ``steer
 Chat data, masking and exact mixing live in :mod:`steerkit.sae_chat` (``chats=``), differences
 of a tuned and the base model in :mod:`steerkit.sae_diff` (``cfg.diff``, ``tuned=``); ``init=``
 starts from an existing SAE's weights.
+
+Why one module of this size: the training stages share one config and one checkpoint format, and
+resuming needs all of them in one place.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from steerkit.sweep import Condition, run_sweep
 
 
 @dataclass(frozen=True)
-class Cell:
+class ScreenRow:
     model: str  # "base" or "tuned"
     candidate: str
     strength: float
@@ -61,14 +61,14 @@ class Cell:
 
 @dataclass
 class ScreenResult:
-    cells: list[Cell]
+    cells: list[ScreenRow]
     verdicts: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"cells": [asdict(c) for c in self.cells], "verdicts": self.verdicts}
 
 
-def verdicts(cells: Sequence[Cell], control: str, min_coherent: float = 0.9,
+def verdicts(cells: Sequence[ScreenRow], control: str, min_coherent: float = 0.9,
              latent_controls: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Per candidate, its best strength: passes when it beats the ``control`` cells (a pooled
     control's name) both ways and, for candidates in ``latent_controls`` (candidate -> its
@@ -145,7 +145,7 @@ def screen(
     group = "random" if len(ctls) > 1 else None
     control_name = pooled_name(group) if group else ctls[0].name
     matched = {d.name: matched_latents(d, latent_controls, control_seed) for d in candidates if latent_controls and d.is_sae}
-    cells: list[Cell] = []
+    cells: list[ScreenRow] = []
     runs = [("base", base, 1.0)] + ([("tuned", tuned, -1.0)] if tuned is not None else [])
     for label, model, sign in runs:
         grid = (0.0,) + tuple(sign * s for s in strengths)
@@ -156,7 +156,7 @@ def screen(
         res = run_sweep(model, conds, questions, samples, sampling, judge, Path(out_dir) / label if out_dir else None,
                         batch_size=batch_size, on_batch=on_batch)
         for r in res.rows:
-            cells.append(Cell(label, r.condition, r.strength, r.judged, r.misaligned, r.judged - r.incoherent,
+            cells.append(ScreenRow(label, r.condition, r.strength, r.judged, r.misaligned, r.judged - r.incoherent,
                               r.rate, r.low, r.high, 1 - r.incoherent_rate if r.judged else 0.0,
                               r.corrected, r.corrected_low, r.corrected_high, r.control, r.draws, r.draw_low, r.draw_high))
     lat = {name: pooled_name(f"{name}-latents") if len(ms) > 1 else ms[0].name for name, ms in matched.items()}

@@ -15,6 +15,9 @@ a 4xx status. Directions in requests are names looked up like ``steerkit generat
 
 What it leaves out: the legacy ``/v1/completions``, tools and response formats (ignored),
 penalties (ignored), authentication (bind to loopback, the default).
+
+Why one module of this size: the app factory, request validation and streaming share one request
+type and one scheduler handle; split, they would pass both around.
 """
 
 from __future__ import annotations

@@ -179,3 +179,27 @@ def test_inner_import_rule_on_planted_modules(tmp_path, a, b, bad):
     pkg = _plant(tmp_path, {"__init__.py": "", "a.py": a, "b.py": b})
     top, inner = read_graph(pkg)
     assert bool(misplaced_inner_imports(top, inner)) is bad
+
+
+LONG = 400  # lines; a module past this says why in its docstring
+
+
+def long_modules_without_a_reason(pkg: Path = PKG, limit: int = LONG) -> list[str]:
+    bad = []
+    for path in sorted(pkg.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        n = text.count("\n")
+        if n > limit and "Why one module of this size:" not in (ast.get_docstring(ast.parse(text)) or ""):
+            bad.append(f"{module_name(path, pkg)} ({n} lines)")
+    return bad
+
+
+def test_long_modules_say_why_they_are_one_module():
+    assert long_modules_without_a_reason() == []
+
+
+def test_a_long_module_without_a_reason_is_named(tmp_path):
+    body = "x = 1\n" * 12
+    pkg = _plant(tmp_path, {"__init__.py": "", "long.py": '"""A long module."""\n' + body,
+                            "said.py": '"""A long module.\n\nWhy one module of this size: it is one thing.\n"""\n' + body})
+    assert long_modules_without_a_reason(pkg, limit=10) == ["steerkit.long (13 lines)"]

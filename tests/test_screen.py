@@ -5,13 +5,13 @@ import torch
 from steerkit.directions import Direction, random_like
 from steerkit.generate import Sampling
 from steerkit.prompts import from_texts
-from steerkit.screen import Cell, screen, verdicts
+from steerkit.screen import ScreenRow, screen, verdicts
 from steerkit.stats import wilson
 
 
 def cell(model, cand, s, k, n=40, coh=40):
     p, lo, hi = wilson(k, n)
-    return Cell(model, cand, s, n, k, coh, p, lo, hi, coh / n)
+    return ScreenRow(model, cand, s, n, k, coh, p, lo, hi, coh / n)
 
 
 def test_passing_candidate_needs_both_directions_beyond_control():

@@ -76,7 +76,7 @@ def extract_cmd(
     """
     from steerkit import extract as X
     from steerkit.directions import find_sae
-    from steerkit.models import load_model
+    from steerkit.models import load_model, load_tuned
 
     if judged is not None:
         if contrast is not None:
@@ -125,7 +125,7 @@ def extract_cmd(
         tuned_model = base_model
         if tuned is not None:
             with err.status(f"loading {tuned}..."):
-                tuned_model = load_tuned(tuned, base, device, dtype)
+                tuned_model = load_tuned(tuned, base=base, device=device, dtype=dtype)
         s = answers_judged.summary()
         err.print(f"{s['questions_usable']} of {s['questions']} questions usable ({s['misaligned_answers']} misaligned, "
                   f"{s['aligned_answers']} aligned answers; {s['unlabelled']} records neither)")
@@ -138,7 +138,7 @@ def extract_cmd(
         tuned_model = base_model
     else:
         with err.status(f"loading {tuned}..."):
-            tuned_model = load_tuned(tuned, base, device, dtype)  # type: ignore[arg-type]
+            tuned_model = load_tuned(tuned, base=base, device=device, dtype=dtype)  # type: ignore[arg-type]
         chats = _diff_prompts(prompts)
         ans = None
         if tokens != "prompt":
@@ -192,17 +192,6 @@ def read_contrast(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
             raise SteerkitError(f"{path}: pair {i} needs 'pos' and 'neg' strings")
         pairs.append((p["pos"], p["neg"]))
     return pairs, [str(q) for q in qs]
-
-
-def load_tuned(spec: str, base: str | None, device: str | None, dtype: str = "float32") -> Any:
-    """A fine-tuned model: PEFT adapter folders through steerkit.finetune when present."""
-    try:
-        from steerkit.finetune import load_tuned as lt
-    except ImportError:
-        from steerkit.models import load_model
-
-        return load_model(spec, device=device, dtype=dtype)
-    return lt(spec, base=base, device=device, dtype=dtype)
 
 
 def _load_sae(path: Path, model: LoadedModel) -> Any:

@@ -84,7 +84,7 @@ def _prepare(model: Optional[str], tuned: Optional[str], device: Optional[str], 
         with err.status(f"loading {model or 'smollm2-135m'}..."):
             m = load_model(model, device=device, dtype=dtype)
     else:
-        from steerkit.finetune import load_tuned
+        from steerkit.models import load_tuned
 
         with err.status(f"loading {tuned} (tuned from {model or 'smollm2-135m'})..."):
             m = load_tuned(tuned, base=model or "smollm2-135m", device=device, dtype=dtype)

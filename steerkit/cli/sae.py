@@ -1,4 +1,8 @@
-"""`steerkit sae ...`: train, evaluate, interpret and inspect sparse autoencoders."""
+"""`steerkit sae ...`: train, evaluate, interpret and inspect sparse autoencoders.
+
+Why one module of this size: four subcommands (train, eval, top, load) that share their argument
+checks; each stays parse -> one library call -> render.
+"""
 
 from __future__ import annotations
 

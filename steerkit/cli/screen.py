@@ -11,7 +11,7 @@ from rich.table import Table
 
 from steerkit.cli import app
 from steerkit.cli.common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, SeedOpt, emit_json, err, out, want_json
-from steerkit.cli.extract import _load_sae, _rel, _target_dir, load_tuned, question_prompts
+from steerkit.cli.extract import _load_sae, _rel, _target_dir, question_prompts
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import atomic_write_text, check_writable
 from steerkit.judge import load_judge
@@ -54,7 +54,7 @@ def screen_cmd(
     """
     from steerkit.controls import parse_controls, random_controls
     from steerkit.generate import Sampling
-    from steerkit.models import load_model
+    from steerkit.models import load_model, load_tuned
     from steerkit.screen import screen
 
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)  # checked before anything loads
@@ -73,7 +73,7 @@ def screen_cmd(
     with err.status("loading models and SAE..."):
         base = load_model(model or data.get("base") or data.get("model"), device=device, dtype=dtype)
         tuned_spec = tuned if tuned is not None else data.get("tuned")
-        tuned_model = None if tuned_spec in (None, "none") else load_tuned(tuned_spec, model, device, dtype)
+        tuned_model = None if tuned_spec in (None, "none") else load_tuned(tuned_spec, base=model, device=device, dtype=dtype)
         sae_path = Path(data["sae"])
         sae = _load_sae(sae_path, base)
     dirs = candidate_directions(data, sae, sae_path, base, top)

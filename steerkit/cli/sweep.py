@@ -137,7 +137,7 @@ def summarize_cmd(
 
 def _load_models(model: Optional[str], tuned: Optional[str], device: Optional[str], dtype: str = "float32") -> tuple[Any, str]:
     """The model to steer and the name its directions are filed under (the base model's)."""
-    from steerkit.models import load_model, resolve_spec
+    from steerkit.models import load_model, load_tuned, resolve_spec
 
     if tuned is None:
         with err.status(f"loading {model or 'smollm2-135m'}..."):
@@ -145,21 +145,7 @@ def _load_models(model: Optional[str], tuned: Optional[str], device: Optional[st
         return m, m.name
     base_name = resolve_spec(model)[0]
     with err.status(f"loading {tuned} (tuned from {model or 'smollm2-135m'})..."):
-        try:
-            from steerkit import finetune
-        except ModuleNotFoundError as e:
-            if e.name != "steerkit.finetune":
-                raise
-            finetune = None  # type: ignore[assignment]
-        loader = getattr(finetune, "load_tuned", None) if finetune is not None else None
-        if loader is not None:
-            import inspect
-
-            params = inspect.signature(loader).parameters
-            kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if k in params}
-            m = loader(tuned, base=model or "smollm2-135m", **kw)
-        else:  # no adapter loader in this build: any model spec load_model takes
-            m = load_model(tuned, device=device, dtype=dtype)
+        m = load_tuned(tuned, base=model or "smollm2-135m", device=device, dtype=dtype)
     return m, base_name
 
 
