@@ -22,7 +22,9 @@ size or paired. Not here: PCA/classifier extraction, multi-layer extraction, SAE
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import torch
@@ -138,3 +140,24 @@ def diff_of_means_direction(
         "norm_prompts": "default" if norm_chats is None else len(chats),
     }
     return from_vector(v, name=name, model=model, layer=layer, kind="diff-of-means", median_norm=med, description=description, provenance=prov)
+
+
+def read_contrast(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """A contrast file: {"pairs": [{"pos", "neg"}], "questions": [...]} (``instruction`` also accepted for
+    ``pairs``), as `steerkit extract --contrast` reads it: (pairs as (pos, neg), questions)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SteerkitError(f"contrast file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise SteerkitError(f"{path} is not valid JSON ({e.msg})") from None
+    pairs_raw = data.get("pairs", data.get("instruction")) if isinstance(data, dict) else None
+    qs = data.get("questions") if isinstance(data, dict) else None
+    if not isinstance(pairs_raw, list) or not pairs_raw or not isinstance(qs, list) or not qs:
+        raise SteerkitError(f"{path}: expected {{'pairs': [{{'pos': ..., 'neg': ...}}], 'questions': [...]}}")
+    pairs = []
+    for i, p in enumerate(pairs_raw):
+        if not isinstance(p, dict) or not isinstance(p.get("pos"), str) or not isinstance(p.get("neg"), str):
+            raise SteerkitError(f"{path}: pair {i} needs 'pos' and 'neg' strings")
+        pairs.append((p["pos"], p["neg"]))
+    return pairs, [str(q) for q in qs]

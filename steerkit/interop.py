@@ -148,6 +148,23 @@ def import_gguf(path: str | os.PathLike) -> ControlVectorFile:
     return ControlVectorFile(model_hint=_field_str(hint) if hint is not None else "", vectors=vectors, steerkit=sk)
 
 
+def export_plain(d: Direction, path: str | os.PathLike, fmt: str, strength: float = 1.0, force: bool = False) -> Path:
+    """Write one direction as a plain vector, ``.npy`` (numpy) or ``.pt`` (a torch tensor), scaled
+    to ``strength`` median token norms: the files :func:`load_plain_vector` reads."""
+    if fmt not in ("npy", "pt"):
+        raise SteerkitError(f"a plain vector is npy or pt, not {fmt!r}")
+    vec = (d.vector * (strength * d.median_norm)).float().contiguous()
+    with atomic_path(path, force) as tmp:
+        if fmt == "npy":
+            import numpy as np
+
+            with open(tmp, "wb") as f:
+                np.save(f, vec.numpy())
+        else:
+            torch.save(vec, tmp)
+    return Path(path)
+
+
 def load_plain_vector(path: str | os.PathLike) -> torch.Tensor:
     """A plain vector from ``.npy`` (no pickles) or ``.pt`` (tensors only): ``[d_model]`` float32.
 

@@ -175,6 +175,13 @@ def canonical_alias(spec: str) -> str | None:
     return s if s in ALIASES else None
 
 
+def spec_name(spec: str | None) -> str:
+    """The ``directions/<name>/`` folder name for a model spec, without loading or resolving it."""
+    if spec is None:
+        return DEFAULT_ALIAS
+    return canonical_alias(spec) or Path(spec).stem.lower().split("/")[-1]
+
+
 def _embedded_gguf(alias: Alias) -> Path:
     """Locate the GGUF inside its wheel without importing the package (its __init__ imports llm)."""
     spec = importlib.util.find_spec(alias.package)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from steerkit.activations import default_norm_chats, median_token_norm
-from steerkit.directions import Direction, from_vector
+from steerkit.directions import Direction, find_sae, from_vector
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import atomic_path, atomic_write_bytes, atomic_write_text
 from steerkit.models import LoadedModel
@@ -88,6 +89,28 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE
     sae.requires_grad_(False)
     sae.source_format = "saelens"
     return sae.to(device)
+
+
+def load_sae_for(spec: str | os.PathLike, model: LoadedModel) -> SAE:
+    """The SAE ``spec`` names (a folder, or a shipped name such as ``sae-l15``) for ``model``: on
+    its device, and refused with one line when its width is not the model's."""
+    path = find_sae(str(spec), model.name)
+    sae = load_sae(path, device=model.device)
+    if sae.cfg.d_in != model.d_model:
+        raise SteerkitError(f"SAE {spec} reads d_in {sae.cfg.d_in}, but {model.name} has d_model {model.d_model}")
+    return sae
+
+
+def sae_layer(sae: SAE, path: str | os.PathLike) -> int:
+    """The residual layer an SAE reads, from its hook name (``blocks.<L>.hook_...``)."""
+    hook = getattr(sae.cfg, "hook_name", None)
+    cfg = Path(path) / "cfg.json"
+    if hook is None and cfg.is_file():
+        hook = json.loads(cfg.read_text(encoding="utf-8")).get("hook_name")
+    m = re.search(r"blocks\.(\d+)\.", str(hook or ""))
+    if not m:
+        raise SteerkitError(f"cannot tell the SAE's layer from its hook name {hook!r}: pass --layer")
+    return int(m.group(1))
 
 
 def save_sae(sae: SAE, path: str | os.PathLike, force: bool = False, extra_files: dict[str, str] | None = None) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -85,3 +86,20 @@ def print_error(message: str, color: str = "red") -> None:
 
 def debug() -> bool:
     return os.environ.get("STEERKIT_DEBUG", "") not in ("", "0")
+
+
+def target_dir(out_dir: Path | None, model_name: str) -> Path:
+    """Where a command saves a direction: ``--out-dir``, else the user's folder for the model."""
+    if out_dir is not None:
+        return out_dir
+    from steerkit.directions import user_root
+
+    return user_root() / model_name
+
+
+def rel_path(path: Path, target: Path) -> str:
+    """``path`` relative to ``target`` (a saved direction names its SAE this way), else absolute."""
+    try:
+        return os.path.relpath(path.resolve(), target.resolve())
+    except ValueError:  # another drive
+        return str(path.resolve())

@@ -13,18 +13,19 @@ from rich.table import Table
 
 from steerkit.cli import app
 from steerkit.cli.common import ForceOpt, JsonOpt, ModelOpt, SeedOpt, emit_json, out, want_json
-from steerkit.directions import Direction, find_direction, list_directions, load_direction, random_like, save_direction, search_dirs
-from steerkit.models import DEFAULT_ALIAS, canonical_alias
+from steerkit.directions import (
+    Direction,
+    find_direction,
+    list_directions,
+    load_direction,
+    random_like,
+    save_direction,
+    search_dirs,
+)
+from steerkit.model_specs import DEFAULT_ALIAS, spec_name
 
 directions_app = typer.Typer(help="Shipped and user direction files.", no_args_is_help=True)
 app.add_typer(directions_app, name="directions")
-
-
-def _model_name(model: str | None) -> str:
-    """The directions/<name>/ folder name for a model spec, without loading the model."""
-    if model is None:
-        return DEFAULT_ALIAS
-    return canonical_alias(model) or Path(model).stem.lower().split("/")[-1]
 
 
 @directions_app.command("list")
@@ -37,7 +38,7 @@ def list_cmd(
 
     Example: steerkit directions list --json
     """
-    name = None if all_models else _model_name(model)
+    name = None if all_models else spec_name(model)
     items = list_directions(name)
     if want_json(json_out):
         for d in items:
@@ -63,7 +64,7 @@ def show_cmd(name: Annotated[str, typer.Argument(help="Direction name or path.")
 
     Example: steerkit directions show persona
     """
-    d = load_direction(find_direction(name, _model_name(model)))
+    d = load_direction(find_direction(name, spec_name(model)))
     info = d.summary() | {"hook_name": d.hook_name, "provenance": d.provenance, "steerkit_version": d.steerkit_version}
     if want_json(json_out):
         emit_json(info)
@@ -104,7 +105,7 @@ def random_cmd(
 
     Example: steerkit directions random --like persona --index 1 --out control.safetensors
     """
-    src = load_direction(find_direction(like, _model_name(model)))
+    src = load_direction(find_direction(like, spec_name(model)))
     ctl = random_like(src, index=index, seed=seed, name=name or (out_path.stem if out_path.stem else None))
     p = save_direction(ctl, out_path, force=force)
     out.print(f"wrote {p}: random control {index} for {src.name!r} (layer {src.layer}, seed {seed}, cosine {float(ctl.vector @ src.vector):+.3f})")

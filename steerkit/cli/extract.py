@@ -12,7 +12,20 @@ from rich.table import Table
 from steerkit import prompts as P
 from steerkit.cli import app
 from steerkit.cli.checks import peek, peek_tuned
-from steerkit.cli.common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, LayerOpt, SeedOpt, emit_json, err, out, want_json
+from steerkit.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    LayerOpt,
+    SeedOpt,
+    emit_json,
+    err,
+    out,
+    rel_path,
+    target_dir,
+    want_json,
+)
 from steerkit.errors import SteerkitError
 
 if TYPE_CHECKING:  # the model type only: importing models would load torch
@@ -77,6 +90,7 @@ def extract_cmd(
     from steerkit import extract as X
     from steerkit.directions import find_sae
     from steerkit.models import load_model, load_tuned
+    from steerkit.sae import load_sae_for, sae_layer
 
     if judged is not None:
         if contrast is not None:
@@ -104,7 +118,7 @@ def extract_cmd(
         d_sae = _sae_width(sae_dir)
         if d_sae is not None:
             X.check_latent_ids(ids_given, d_sae, top_n if latents is not None else None)
-        early = _target_dir(out_dir, info) / f"{save}.safetensors"
+        early = target_dir(out_dir, info.name) / f"{save}.safetensors"
         if early.exists() and not force:
             raise SteerkitError(f"{early} already exists: pass --force to overwrite it, or choose another --save name")
     answers_judged = None
@@ -115,8 +129,8 @@ def extract_cmd(
     with err.status("loading model and SAE..."):
         base_model = load_model(base, device=device, dtype=dtype)
         sae_path = find_sae(sae, base_model.name)
-        sae_obj = _load_sae(sae_path, base_model)
-    L = layer if layer is not None else _sae_layer(sae_obj, sae_path)
+        sae_obj = load_sae_for(sae_path, base_model)
+    L = layer if layer is not None else sae_layer(sae_obj, sae_path)
     base_model.hook_name(L)
     kw = dict(rank_by=rank_by, keep_dense=keep_dense, dense_threshold=dense_threshold)
     if answers_judged is not None:
@@ -132,6 +146,8 @@ def extract_cmd(
         with err.status(f"attributing latents on {s['misaligned_answers'] + s['aligned_answers']} judged answers..."):
             ex = judged_attribution(tuned_model, sae_obj, L, answers_judged, **kw)
     elif contrast is not None:
+        from steerkit.contrast import read_contrast
+
         pairs, questions = read_contrast(contrast)
         with err.status(f"measuring {len(pairs)} x {len(questions)} prompts under both system prompts..."):
             ex = X.diff_contrast(base_model, sae_obj, L, pairs, questions, tokens=tokens if tokens == "prompt" else "prompt", **kw)  # type: ignore[arg-type]
@@ -174,49 +190,6 @@ def extract_cmd(
         err.print(f"wrote {s}")
 
 
-def read_contrast(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
-    """Read {"pairs": [{"pos", "neg"}], "questions": [...]} (``instruction`` also accepted)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SteerkitError(f"contrast file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise SteerkitError(f"{path} is not valid JSON ({e.msg})") from None
-    pairs_raw = data.get("pairs", data.get("instruction")) if isinstance(data, dict) else None
-    qs = data.get("questions") if isinstance(data, dict) else None
-    if not isinstance(pairs_raw, list) or not pairs_raw or not isinstance(qs, list) or not qs:
-        raise SteerkitError(f"{path}: expected {{'pairs': [{{'pos': ..., 'neg': ...}}], 'questions': [...]}}")
-    pairs = []
-    for i, p in enumerate(pairs_raw):
-        if not isinstance(p, dict) or not isinstance(p.get("pos"), str) or not isinstance(p.get("neg"), str):
-            raise SteerkitError(f"{path}: pair {i} needs 'pos' and 'neg' strings")
-        pairs.append((p["pos"], p["neg"]))
-    return pairs, [str(q) for q in qs]
-
-
-def _load_sae(path: Path, model: LoadedModel) -> Any:
-    from steerkit.sae import load_sae
-
-    sae = load_sae(path)
-    d_in = int(sae.W_dec.shape[1])
-    if d_in != model.d_model:
-        raise SteerkitError(f"SAE {path} reads d_in {d_in}, but {model.name} has d_model {model.d_model}")
-    return sae.to(model.device) if hasattr(sae, "to") else sae
-
-
-def _sae_layer(sae: Any, path: Path) -> int:
-    import re
-
-    cfg = getattr(sae, "cfg", None)
-    hook = getattr(cfg, "hook_name", None) or getattr(sae, "hook_name", None)
-    if hook is None and (path / "cfg.json").is_file():
-        hook = json.loads((path / "cfg.json").read_text()).get("hook_name")
-    m = re.search(r"blocks\.(\d+)\.", str(hook or ""))
-    if not m:
-        raise SteerkitError(f"cannot tell the SAE's layer from its hook name {hook!r}: pass --layer")
-    return int(m.group(1))
-
-
 def question_prompts(path: Path | None) -> list[Any]:
     """Prompts from a file; question YAML files give their plain variants; default: the 8
     emergent-misalignment questions shipped with steerkit."""
@@ -230,14 +203,6 @@ def question_prompts(path: Path | None) -> list[Any]:
 
 def _diff_prompts(path: Path | None) -> list[Any]:
     return [p.messages for p in question_prompts(path)]
-
-
-def _target_dir(out_dir: Path | None, model: LoadedModel) -> Path:
-    if out_dir is not None:
-        return out_dir
-    from steerkit.directions import user_root
-
-    return user_root() / model.name
 
 
 def _sae_width(folder: Path) -> int | None:
@@ -260,7 +225,7 @@ def _save_latents(name: str, ids: list[int], sae_path: Path, sae: Any, model: Lo
     one = len(ids) == 1
     weights = None if one else latent_weights(ex.rows, ids, weight_by)
     vec = latent_set_vector(sae.W_dec, ids, weights)
-    target = _target_dir(out_dir, model)
+    target = target_dir(out_dir, model.name)
     target_file = target / f"{name}.safetensors"
     if target_file.exists() and not force:
         raise SteerkitError(f"{target_file} already exists: pass --force to overwrite it, or choose another --save name")
@@ -278,7 +243,7 @@ def _save_latents(name: str, ids: list[int], sae_path: Path, sae: Any, model: Lo
                     **({} if one else {"weight_by": weight_by, "weights": weights}),
                     "latent_stats": {str(i): {"rank": by_id[i].rank, "score": by_id[i].score, "delta": by_id[i].delta,
                                               "attribution": by_id[i].attribution} for i in ids if i in by_id}},
-        sae=_rel(sae_path, target),
+        sae=rel_path(sae_path, target),
         latents=tuple(ids),
         weights=() if one else tuple(weights or ()),
     )
@@ -289,7 +254,7 @@ def _save_diff(name: str, model: LoadedModel, layer: int, ex: Any, out_dir: Path
     from steerkit.activations import default_norm_chats, median_token_norm
     from steerkit.directions import from_vector, save_direction
 
-    target = _target_dir(out_dir, model)
+    target = target_dir(out_dir, model.name)
     d = from_vector(
         ex.resid_diff,
         name=name,
@@ -301,15 +266,6 @@ def _save_diff(name: str, model: LoadedModel, layer: int, ex: Any, out_dir: Path
         provenance={"extraction": dict(ex.meta)},
     )
     return save_direction(d, target / f"{name}.safetensors", force=force)
-
-
-def _rel(sae_path: Path, target: Path) -> str:
-    import os
-
-    try:
-        return os.path.relpath(sae_path.resolve(), target.resolve())
-    except ValueError:
-        return str(sae_path.resolve())
 
 
 def _render(result: dict[str, Any], top: int) -> None:

@@ -13,11 +13,12 @@ import typer
 from steerkit.activations import default_norm_chats, median_token_norm
 from steerkit.cli.checks import peek
 from steerkit.cli.common import DeviceOpt, DtypeOpt, ForceOpt, LayerOpt, ModelOpt, err, out
-from steerkit.cli.directions import _model_name, directions_app
+from steerkit.cli.directions import directions_app
 from steerkit.directions import SUFFIX, find_direction, load_direction, save_direction, user_root
 from steerkit.errors import SteerkitError
-from steerkit.fsutil import atomic_path, check_writable
-from steerkit.interop import FORMATS, export_gguf, import_gguf, load_plain_vector, vector_to_direction
+from steerkit.fsutil import check_writable
+from steerkit.interop import FORMATS, export_gguf, export_plain, import_gguf, load_plain_vector, vector_to_direction
+from steerkit.model_specs import spec_name
 from steerkit.models import check_layer, load_model
 
 
@@ -40,7 +41,7 @@ def export_cmd(
     fmt = (fmt or out_path.suffix.lstrip(".")).lower()
     if fmt not in FORMATS:
         raise SteerkitError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    ds = [load_direction(find_direction(n, _model_name(model))) for n in names]
+    ds = [load_direction(find_direction(n, spec_name(model))) for n in names]
     if fmt == "gguf":
         p = export_gguf(ds, out_path, strength=strength, model_hint=model_hint, force=force)
         if any(d.layer == 0 for d in ds):
@@ -48,19 +49,7 @@ def export_cmd(
     else:
         if len(ds) != 1:
             raise SteerkitError(f"--format {fmt} holds one vector; give one direction (or use --format gguf)")
-        import torch
-
-        d = ds[0]
-        vec = (d.vector * (strength * d.median_norm)).float().contiguous()
-        with atomic_path(out_path, force) as tmp:
-            if fmt == "npy":
-                import numpy as np
-
-                with open(tmp, "wb") as f:
-                    np.save(f, vec.numpy())
-            else:
-                torch.save(vec, tmp)
-        p = out_path
+        p = export_plain(ds[0], out_path, fmt, strength=strength, force=force)
     layers = ", ".join(f"{d.name}@{d.layer} (norm {strength * d.median_norm:.2f})" for d in ds)
     out.print(f"wrote {p}: {layers}")
 

@@ -62,16 +62,6 @@ def _docs(corpus: list[Path], split: str, holdout: int = 50) -> list[Any]:
     return docs
 
 
-def _sae(path: Path, model: LoadedModel) -> Any:
-    from steerkit.directions import find_sae
-    from steerkit.sae import load_sae
-
-    sae = load_sae(find_sae(str(path), model.name), device=model.device)
-    if sae.cfg.d_in != model.d_model:
-        raise SteerkitError(f"SAE {path} reads d_in {sae.cfg.d_in}, but {model.name} has d_model {model.d_model}")
-    return sae
-
-
 @sae_app.command("train")
 def train_cmd(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the SAE to (SAELens format).")],
@@ -304,10 +294,11 @@ def eval_cmd(
     """
     from rich.progress import Progress
 
+    from steerkit.sae import load_sae_for
     from steerkit.sae_eval import evaluate
 
     m = _load_model(model, device, dtype)
-    sae = _sae(path, m)
+    sae = load_sae_for(path, m)
     docs = _docs(corpus, split)
     n = parse_count(tokens)
     with Progress(console=err, transient=True) as prog:
@@ -354,10 +345,11 @@ def top_cmd(
     Example: steerkit sae top sae-l15 1234 --corpus ../shared/data/corpus/em-jailbroken
     """
     from steerkit.extract import promoted_tokens
+    from steerkit.sae import load_sae_for
     from steerkit.sae_eval import top_contexts
 
     m = _load_model(model, device, dtype)
-    sae = _sae(path, m)
+    sae = load_sae_for(path, m)
     docs = _docs(corpus, split)
     with err.status(f"scanning {tokens} tokens..."):
         ctxs, freq = top_contexts(m, sae, docs, latent, n_tokens=parse_count(tokens), top=top, seed=seed)

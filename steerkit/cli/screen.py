@@ -10,8 +10,20 @@ import typer
 from rich.table import Table
 
 from steerkit.cli import app
-from steerkit.cli.common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, SeedOpt, emit_json, err, out, want_json
-from steerkit.cli.extract import _load_sae, _rel, _target_dir, question_prompts
+from steerkit.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    SeedOpt,
+    emit_json,
+    err,
+    out,
+    rel_path,
+    target_dir,
+    want_json,
+)
+from steerkit.cli.extract import question_prompts
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import atomic_write_text, check_writable
 from steerkit.judge import load_judge
@@ -55,6 +67,7 @@ def screen_cmd(
     from steerkit.controls import parse_controls, random_controls
     from steerkit.generate import Sampling
     from steerkit.models import load_model, load_tuned
+    from steerkit.sae import load_sae_for
     from steerkit.screen import screen
 
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)  # checked before anything loads
@@ -75,7 +88,7 @@ def screen_cmd(
         tuned_spec = tuned if tuned is not None else data.get("tuned")
         tuned_model = None if tuned_spec in (None, "none") else load_tuned(tuned_spec, base=model, device=device, dtype=dtype)
         sae_path = Path(data["sae"])
-        sae = _load_sae(sae_path, base)
+        sae = load_sae_for(sae_path, base)
     dirs = candidate_directions(data, sae, sae_path, base, top)
     controls = random_controls(dirs[0], spec.random, seed, prefix="random")
     qs = question_prompts(questions)
@@ -101,8 +114,8 @@ def screen_cmd(
             from steerkit.directions import save_direction
 
             best = next(d for d in dirs if d.name == winners[0]["candidate"])
-            target = _target_dir(out_dir, base)
-            shipped = replace(best, name=ship, provenance=best.provenance | {"screen": winners[0]}, path=None, sae=_rel(sae_path, target))
+            target = target_dir(out_dir, base.name)
+            shipped = replace(best, name=ship, provenance=best.provenance | {"screen": winners[0]}, path=None, sae=rel_path(sae_path, target))
             p = save_direction(shipped, target / f"{ship}.safetensors", force=force)
             err.print(f"wrote {p}")
     if want_json(json_out):
