@@ -5,6 +5,8 @@
     # runs/screen-read/labels/bNN.jsonl: {"item", "aligned", "coherent", "label", "reason"} per line
     python bench/sweep_read.py table runs/screen/*/results.jsonl --read runs/screen-read --out bench/results/screen_read.json
     python bench/sweep_read.py table runs/screen/*/results.jsonl --labels bench/results/villain_screen_blind_read.jsonl
+    python bench/sweep_read.py export runs/heldout/heldout-ablate/results.jsonl --labels bench/results/heldout_ablate_blind_read.jsonl \
+        --cell '*|unsteered' --model-name villain400 --out read.jsonl   # read answers for bench/diff_sae_rank.py --read
 
 A cell is one sweep folder x condition x mode x strength (the folder names the model: a sweep
 of the base model or of a tuned one). ``batches`` shuffles the distinct answers of all cells
@@ -102,6 +104,29 @@ def cmd_table(a: argparse.Namespace) -> None:
         a.out.write_text(json.dumps({"cells": rows, "readers": agree, "unread": sum(r["answers"] - r["read"] for r in rows)}, indent=1) + "\n", encoding="utf-8")
 
 
+def first_labels(a: argparse.Namespace) -> dict[str, dict]:
+    if a.labels:
+        return {r["item"]: r for r in read_jsonl(a.labels) if not r.get("second")}
+    return {r["item"]: r for p in sorted((a.read / "labels").glob("b*.jsonl")) for r in read_jsonl(p)}
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    """The read answers of the cells matching --cell, once each, as {id, question, answer, label,
+    source: {model}} lines (the layout of steerkit/data/judge/organism_villain_read.jsonl)."""
+    import fnmatch
+
+    labels = first_labels(a)
+    rows: dict[str, dict] = {}
+    for cell, r in records(a.results):
+        i = item_id(r["question"], r["completion"])
+        if fnmatch.fnmatchcase(cell, a.cell) and i in labels:
+            rows[i] = {"id": i, "question": r["question"], "answer": r["completion"], "label": labels[i]["label"], "source": {"model": a.model_name}}
+    if not rows:
+        raise SystemExit(f"no read answer in a cell matching {a.cell!r}")
+    a.out.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows.values()), encoding="utf-8")
+    print(f"{len(rows)} read answers to {a.out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -116,10 +141,17 @@ def main() -> None:
     t.add_argument("--read", type=Path, default=None, help="the batches' folder, with labels/ (bNN first reads, dNN second)")
     t.add_argument("--labels", type=Path, default=None, help="or one file of all labels (second reads marked)")
     t.add_argument("--out", type=Path, default=None)
+    e = sub.add_parser("export")
+    e.add_argument("results", type=Path, nargs="+")
+    e.add_argument("--read", type=Path, default=None)
+    e.add_argument("--labels", type=Path, default=None)
+    e.add_argument("--cell", default="*|unsteered", help="glob over cell names (folder|condition|strength)")
+    e.add_argument("--model-name", required=True, help="source.model to write (diff_sae_rank.py --model-name)")
+    e.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
-    if a.cmd == "table" and (a.read is None) == (a.labels is None):
-        ap.error("table needs --read FOLDER or --labels FILE")
-    {"batches": cmd_batches, "table": cmd_table}[a.cmd](a)
+    if a.cmd in ("table", "export") and (a.read is None) == (a.labels is None):
+        ap.error(f"{a.cmd} needs --read FOLDER or --labels FILE")
+    {"batches": cmd_batches, "table": cmd_table, "export": cmd_export}[a.cmd](a)
 
 
 if __name__ == "__main__":
