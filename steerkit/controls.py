@@ -37,6 +37,8 @@ POOLED = "-pooled"  # a pooled row is named <group>-pooled
 def pooled_name(group: str) -> str:
     """The summary row that pools the draws of control group ``group``."""
     return f"{group}{POOLED}"
+
+
 WINDOW = 2.0  # matched latents fire within a factor of 2 of the candidate
 KINDS = ("random", "latents")
 

@@ -424,4 +424,3 @@ def canonical_name(spec: str) -> str:
     """The short model name a spec loads as (for aliases without touching the weights)."""
     alias = canonical_alias(spec)
     return alias if alias else resolve_spec(spec)[0]
-

@@ -500,5 +500,3 @@ def load_tuned(spec: str | os.PathLike, base: str | None = None, device: str | N
     lm.source = f"{folder} (LoRA adapter merged into {base_spec})"
     lm.tuned = tuned_info(folder, list(folder.glob("adapter_model*.safetensors")))
     return lm
-
-

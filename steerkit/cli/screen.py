@@ -166,4 +166,3 @@ def candidate_directions(data: dict[str, Any], sae: Any, sae_path: Path, model: 
                                 sae=str(sae_path.resolve()), latents=tuple(ids),
                                 weights=tuple(w / max(abs(x) for x in weights) for w in weights) if weights else ()))
     return dirs
-
