@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from steerkit.activations import pad_left, stat_mask
 from steerkit.chat import Messages, as_messages, chat_tokens  # noqa: F401 - as_messages re-exported (its home is steerkit.chat)
 from steerkit.errors import SteerkitError
 from steerkit.interventions import POSITIONS, Intervention, PositionMask, Positions, SteeringPlan, bridge_hook_count, steering
@@ -369,17 +370,12 @@ class DecodeEngine:
         plan = SteeringPlan.build([list(r.interventions) for r in rows], self.sae_loader)  # may refuse: nothing changed yet
 
         dev = self.dev
-        B, T = len(rows), max(len(x) for x in ids_list)
+        T = max(len(x) for x in ids_list)
         pad = self.model.pad_token_id()
-        input_ids = torch.full((B, T), pad, dtype=torch.long)
-        attn = torch.zeros((B, T), dtype=torch.long)
-        for b, ids in enumerate(ids_list):
-            input_ids[b, T - len(ids) :] = torch.tensor(ids)
-            attn[b, T - len(ids) :] = 1
+        input_ids, attn = pad_left(ids_list, pad)
         input_ids, attn = input_ids.to(dev), attn.to(dev)
         # prefill positions: real tokens after each row's first one
-        first = (attn.cumsum(-1) == 1) & (attn == 1)
-        real_after_first = (attn == 1) & ~first
+        real_after_first = stat_mask(attn)
         if self.positions == "all" or self.positions == "prompt":
             prefill_mask = real_after_first
         else:  # generated: only the last prompt token, which yields the first new token
