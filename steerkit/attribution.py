@@ -45,7 +45,7 @@ import torch
 from steerkit.activations import pad_left
 from steerkit.chat import Messages, as_messages, chat_tokens
 from steerkit.errors import SteerkitError
-from steerkit.extract import Extraction, Side, _check_sae, logprob_grad, rank_latents
+from steerkit.extract import Extraction, Side, check_sae_fits, logprob_grad, rank_latents
 from steerkit.fsutil import read_store
 from steerkit.judge import COHERENT_ABOVE, question_of
 from steerkit.models import LoadedModel
@@ -243,7 +243,7 @@ def judged_attribution(
 ) -> Any:
     """Rank latents on ``model``'s judged answers (an :class:`steerkit.extract.Extraction`:
     before = aligned answers, after = misaligned answers; ``attribution`` as in the module doc)."""
-    _check_sae(sae, model)
+    check_sae_fits(sae, model)
     aligned, misaligned, g, gap = judged_sides(model, sae, layer, judged.groups, batch_size)
     rows, dmean = rank_latents(aligned, misaligned, sae, rank_by, grad=g, **rank_kw)  # type: ignore[arg-type]
     meta = {"mode": "judged", "model": getattr(model, "source", None) or model.name, **judged.summary(),

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,8 +97,6 @@ def run_demo(cfg: DemoConfig, stage: Stage = lambda s: None, progress: Progress 
     t0 = time.perf_counter()
     out = cfg.out_dir
     if out.exists() and cfg.force:
-        import shutil
-
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     stage("loading the base model, the model organism, the SAE and the judge")
@@ -145,8 +145,6 @@ def _load_organism(base: Any) -> Any:
 
 
 def _sae_layer(sae: Any, default: int) -> int:
-    import re
-
     hook = getattr(getattr(sae, "cfg", None), "hook_name", None) or ""
     m = re.search(r"blocks\.(\d+)\.", str(hook))
     return int(m.group(1)) if m else default

@@ -238,7 +238,7 @@ def diff_models(
     ``grad`` (from :func:`misalignment_gradient`) makes ``attribution`` use a real gradient."""
     if base.d_model != tuned.d_model:
         raise SteerkitError(f"base d_model {base.d_model} differs from tuned d_model {tuned.d_model}")
-    _check_sae(sae, base)
+    check_sae_fits(sae, base)
     before = side_stats(base, sae, layer, chats, answers, tokens, batch_size)
     after = side_stats(tuned, sae, layer, chats, answers, tokens, batch_size)
     rows, dmean = rank_latents(before, after, sae, rank_by, grad=grad, **rank_kw)
@@ -260,7 +260,7 @@ def diff_contrast(
     **rank_kw: Any,
 ) -> Extraction:
     """Rank latents by how much positive system prompts raise them over negative ones."""
-    _check_sae(sae, model)
+    check_sae_fits(sae, model)
     neg = [[{"role": "system", "content": n}, {"role": "user", "content": q}] for _, n in pairs for q in questions]
     pos = [[{"role": "system", "content": p}, {"role": "user", "content": q}] for p, _ in pairs for q in questions]
     # user-question tokens only would be fairer to compare; the system prompts differ in length,
@@ -273,7 +273,7 @@ def diff_contrast(
     return Extraction(rows, before, after, dmean, layer, rank_by, meta)
 
 
-def _check_sae(sae: Any, model: LoadedModel) -> None:
+def check_sae_fits(sae: Any, model: LoadedModel) -> None:
     d_in = int(sae.W_dec.shape[1])
     if d_in != model.d_model:
         raise SteerkitError(f"the SAE reads d_in {d_in}, but {model.name} has d_model {model.d_model}")

@@ -51,8 +51,21 @@ from steerkit import __version__
 from steerkit.chat import Messages
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import check_writable_dir
-from steerkit.models import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ALIASES, canonical_alias, check_adapter, check_dtype, dtype_name, file_sha256, is_adapter_dir, load_hf, tuned_info
-from steerkit.models import canonical_name, load_tuned  # noqa: F401 - re-exported: loading a tuned model is the model loader's
+from steerkit.models import (  # noqa: F401 - re-exported: loading a tuned model is the model loader's
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    ALIASES,
+    canonical_alias,
+    canonical_name,
+    check_adapter,
+    check_dtype,
+    dtype_name,
+    file_sha256,
+    is_adapter_dir,
+    load_hf,
+    load_tuned,
+    tuned_info,
+)
 
 META_FILE = "steerkit-finetune.json"
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,8 +212,6 @@ def check_unicode(text: str, where: str) -> str:
 
 def read_stdin_text(where: str = "<stdin>") -> str:
     """All of stdin as UTF-8 text (strictly decoded, unlike the locale's text stream)."""
-    import sys
-
     stream = sys.stdin
     buf = getattr(stream, "buffer", None)
     if buf is not None:

@@ -19,7 +19,9 @@ batching step share the live rows' state; splitting them would expose it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -288,8 +290,6 @@ class DecodeEngine:
         ignore_eos: bool = False,
         trim: bool = False,
     ) -> None:
-        import contextlib
-
         if positions not in POSITIONS:
             raise SteerkitError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
         self.model = model
@@ -510,8 +510,6 @@ class DecodeEngine:
 def _cache_kwarg(net: torch.nn.Module) -> str:
     """The name the model's forward takes the KV cache by: ``cache`` from transformers 5.24 on
     (``past_key_values`` still works there, with a deprecation warning, until 5.40)."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,9 +182,6 @@ def load_plain_vector(path: str | os.PathLike) -> torch.Tensor:
 
             v = torch.from_numpy(np.load(p, allow_pickle=False).copy())
         elif suf in (".pt", ".pth"):
-            import pickle
-            import warnings
-
             try:
                 with warnings.catch_warnings():  # torch's advice to unpickle untrusted files is not ours
                     warnings.simplefilter("ignore")

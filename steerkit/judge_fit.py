@@ -28,7 +28,10 @@ question folds; kept together, validation runs on exactly the features the fit u
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import math
+import random
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -273,8 +276,6 @@ OOD_VILLAIN = Path(__file__).resolve().parent / "data" / "judge" / "organism_vil
 def reference_features(reader: Any, recs: Sequence[Labelled], layers: Sequence[int], cache: Path | None = None,
                        batch_size: int = 16) -> Features:
     """The reader's features of the reference answers, cached by content and layers."""
-    import hashlib
-
     pairs = [(r.question, r.answer) for r in recs]
     prompt = getattr(reader, "prompt", "chat")
     key = hashlib.sha256(json.dumps([pairs, list(layers), getattr(reader, "name", "")] + ([prompt] if prompt != "chat" else [])).encode()).hexdigest()[:16]
@@ -313,8 +314,6 @@ def _ood_sets(shared: Path | None) -> dict[str, list[tuple[str, str, int]]]:
         rows = [json.loads(x) for x in OOD_VILLAIN.read_text(encoding="utf-8").splitlines() if x.strip()]
         sets["organism_villain_read"] = [(r["question"], r["answer"], int(r["label"] == "misaligned")) for r in rows]
     if shared is not None and shared.is_dir():
-        import random
-
         def chats(p: Path) -> list[tuple[str, str]]:
             out = []
             for line in p.read_text(encoding="utf-8").splitlines():
@@ -393,8 +392,6 @@ UNSCORED = "not called: an answer the judge gave no aligned or no coherent score
 def _own_thresholds() -> tuple[float, float]:
     """(tm, ti) for :func:`agreement` on 100 - aligned and 100 - coherent: ``pm >= tm`` is
     aligned < 30 (exactly: the next float above 70), ``pi < ti`` is coherent > 50."""
-    import math
-
     return math.nextafter(100.0 - ALIGNED_BELOW, math.inf), 100.0 - COHERENT_ABOVE
 
 
@@ -402,9 +399,6 @@ def stratified_sample(labels: Sequence[str], limit: int, seed: int = 0) -> list[
     """Indices (in order) of a seeded sample of ``limit`` items, drawn per label in proportion
     to the label's count (largest remainder), at least one of every label; all of them when
     ``limit`` is not below their number."""
-    import math
-    import random
-
     if limit < 1:
         raise SteerkitError(f"--limit must be at least 1, got {limit}")
     n = len(labels)

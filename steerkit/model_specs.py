@@ -365,7 +365,7 @@ def is_adapter_dir(spec: str | os.PathLike | None) -> bool:
     return spec is not None and (Path(str(spec)).expanduser() / ADAPTER_CONFIG).is_file()
 
 
-def _base_spec(recorded: str) -> str:
+def adapter_base_spec(recorded: str) -> str:
     """Map a hub id that one of our aliases embeds back to the (offline) alias."""
     if canonical_alias(recorded):
         return recorded
@@ -392,7 +392,7 @@ def check_adapter(folder: str | os.PathLike, base: str | None = None) -> str:
     recorded = acfg.get("base_model_name_or_path")
     if not isinstance(recorded, str) or not recorded:
         raise SteerkitError(f"{cfg_path} does not name its base model (base_model_name_or_path): set it, or pass --base")
-    base_spec = _base_spec(recorded)
+    base_spec = adapter_base_spec(recorded)
     try:
         resolve_spec(base_spec)
     except SteerkitError as e:

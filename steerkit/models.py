@@ -46,7 +46,7 @@ from steerkit.model_specs import (  # noqa: F401 - the spec helpers are re-expor
     DEFAULT_HF_ID,
     Alias,
     ModelInfo,
-    _base_spec,
+    adapter_base_spec,
     canonical_alias,
     canonical_name,
     check_adapter,
@@ -479,7 +479,7 @@ def load_tuned(spec: str | os.PathLike, base: str | None = None, device: str | N
                 lm.tuned = tuned_info(src, list(src.glob("*.safetensors")))
         return lm
     folder = Path(str(spec)).expanduser().resolve()
-    base_spec = check_adapter(folder, None if base is None else _base_spec(base))
+    base_spec = check_adapter(folder, None if base is None else adapter_base_spec(base))
     try:
         from peft import PeftModel
     except ImportError:

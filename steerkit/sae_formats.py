@@ -63,7 +63,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -288,9 +290,6 @@ DL_CLASSES = ("AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE"
 
 def read_state_dict(p: Path) -> dict[str, torch.Tensor]:
     """``torch.load(p, weights_only=True)``: tensors and plain containers only, never code."""
-    import pickle
-    import zipfile
-
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

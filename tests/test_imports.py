@@ -13,6 +13,7 @@ Two rules, read from the source with ``ast`` (nothing is imported):
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,35 @@ def test_inner_import_rule_on_planted_modules(tmp_path, a, b, bad):
     pkg = _plant(tmp_path, {"__init__.py": "", "a.py": a, "b.py": b})
     top, inner = read_graph(pkg)
     assert bool(misplaced_inner_imports(top, inner)) is bad
+
+
+def private_imports(pkg: Path = PKG) -> list[str]:
+    """``from steerkit.x import _name`` outside steerkit.x: a private helper another module leans on."""
+    bad = []
+    for path in sorted(pkg.rglob("*.py")):
+        for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(n, ast.ImportFrom) and n.level == 0 and (n.module or "").split(".")[0] == pkg.name:
+                bad += [f"{module_name(path, pkg)}:{n.lineno} {n.module}.{a.name}" for a in n.names if a.name.startswith("_") and not a.name.startswith("__")]
+    return bad
+
+
+def test_no_module_imports_another_modules_private_helpers():
+    assert private_imports() == []
+
+
+def test_a_private_import_is_named(tmp_path):
+    pkg = _plant(tmp_path, {"__init__.py": "", "a.py": "def _h(): pass\n", "b.py": "from steerkit.a import _h\n"})
+    assert private_imports(pkg) == ["steerkit.b:1 steerkit.a._h"]
+
+
+def test_function_level_stdlib_imports_are_none():
+    """Standard-library modules are cheap: they go at the top, where a reader looks for them."""
+    found = []
+    for path in sorted(PKG.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        found += [f"{module_name(path)}:{n.lineno}" for n in _in_functions(tree)
+                  if any(t.split(".")[0] in sys.stdlib_module_names for t in _targets(n, set()))]
+    assert found == []
 
 
 LONG = 400  # lines; a module past this says why in its docstring

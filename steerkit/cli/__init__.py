@@ -6,6 +6,11 @@ new command group by writing ``steerkit/cli/<name>.py`` and importing it in :fun
 
 from __future__ import annotations
 
+import errno
+import importlib
+import inspect
+import re
+import sys
 from typing import Any
 
 import click
@@ -36,8 +41,6 @@ class _Group(TyperGroup):
     def main(self, *args: Any, **kwargs: Any) -> Any:
         if not kwargs.get("standalone_mode", True):
             return super().main(*args, **kwargs)
-        import errno
-        import sys
 
         kwargs["standalone_mode"] = False
         try:
@@ -110,8 +113,6 @@ def _root(
 
 
 def _load() -> None:
-    import importlib
-
     for mod in ("models", "generate", "directions", "interop", "sae", "extract", "screen", "finetune", "judge", "sweep", "serve", "demo", "monitor", "track", "compare"):
         try:
             importlib.import_module(f"steerkit.cli.{mod}")
@@ -124,9 +125,6 @@ def _unwrap(doc: str) -> str:
     """A docstring as --help shows it: the lines of each prose paragraph joined, so the terminal
     wraps them (typer's rich mode keeps single newlines); indented paragraphs (examples) and
     lists keep theirs."""
-    import inspect
-    import re
-
     out = []
     for para in inspect.cleandoc(doc).split("\n\n"):
         lines = para.split("\n")

@@ -8,6 +8,8 @@ again after the load (cheaply) where the model itself is needed.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from steerkit.errors import SteerkitError
@@ -114,9 +116,6 @@ def check_sweep_folder(folder: Any) -> None:
     """What `steerkit sweep summarize` reads, checked line by line with fixes it can offer (it
     has no --force): results.jsonl records (a torn last line is ignored, as a resumed sweep
     does) and sweep.json."""
-    import json
-    from pathlib import Path
-
     d = Path(folder).expanduser()
     if d.exists() and not d.is_dir():
         raise SteerkitError(f"{d} is a file: give the --out folder of a sweep")

@@ -103,3 +103,11 @@ def rel_path(path: Path, target: Path) -> str:
         return os.path.relpath(path.resolve(), target.resolve())
     except ValueError:  # another drive
         return str(path.resolve())
+
+
+def load_with_status(model: str | None, device: str | None, dtype: str = "float32") -> Any:
+    """Load a model spec with a spinner on stderr (``steerkit generate`` and ``serve``)."""
+    from steerkit.models import load_model
+
+    with err.status(f"loading {model or 'smollm2-135m'}" + ("" if dtype == "float32" else f" in {dtype}") + "..."):
+        return load_model(model, device=device, dtype=dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -22,6 +23,7 @@ from steerkit.cli.common import (
     SeedOpt,
     emit_json,
     err,
+    load_with_status,
     out,
     want_json,
 )
@@ -126,7 +128,7 @@ def generate_cmd(
     info, specs, dirs = precheck(model, device, add, clamp, ablate, layer, raw, any_model, batch_size, max_new_tokens=max_new_tokens)
     if monitor is not None:
         mon_dir = precheck_direction(monitor, info, any_model)
-    model_obj = _load(model, device, dtype)
+    model_obj = load_with_status(model, device, dtype)
     if monitor is not None:
         from steerkit.directions import check_compatible
         from steerkit.monitor import chat_activations, direction_scorer
@@ -192,18 +194,9 @@ def generate_cmd(
 
             generate(model_obj, rows, sampling, batch_size=batch_size, positions=positions, on_token=tick, on_complete=done)  # type: ignore[arg-type]
     if out_file is not None:
-        import json
-
         records.sort(key=lambda r: (r["prompt_index"], r["sample"]))
         atomic_write_text(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), force=force)
         err.print(f"wrote {len(records)} records to {out_file}")
-
-
-def _load(model: str | None, device: str | None, dtype: str = "float32") -> Any:
-    from steerkit.models import load_model
-
-    with err.status(f"loading {model or 'smollm2-135m'}" + ("" if dtype == "float32" else f" in {dtype}") + "..."):
-        return load_model(model, device=device, dtype=dtype)
 
 
 def _monitor_title(rec: dict[str, Any]) -> str:

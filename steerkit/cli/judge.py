@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -242,8 +243,6 @@ def _validate_endpoint(reference: Optional[Path], shared: Optional[Path], head: 
                        judge_model: Optional[str], key: Optional[str], questions: Optional[Path], no_logprobs: bool, limit: Optional[int],
                        seed: Optional[int], out_file: Optional[Path], json_out: bool, force: bool) -> None:
     """`judge validate --judge endpoint`: every check first, then the judge, then the calls."""
-    import os
-
     for name, v in (("--head", head), ("--cache", cache)):
         if v is not None:
             raise SteerkitError(f"{name} is for the offline judge: drop it or leave out --judge endpoint")

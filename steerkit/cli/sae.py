@@ -7,7 +7,10 @@ checks; each stays parse -> one library call -> render.
 from __future__ import annotations
 
 import json
+import math
 import re
+import shlex
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -187,8 +190,6 @@ def _plan_train(out_dir: Path, layer: int | None, corpus: list[Path], chat: list
                 model: str | None, device: str | None) -> dict[str, Any]:
     """`sae train`'s arguments checked before the model loads: data sources and shares, the
     --init SAE against the model's config, --diff and --tuned. Returns what the run uses."""
-    import math
-
     check_writable_dir(out_dir)
     if not corpus and not chat:
         raise SteerkitError("no training data: pass --corpus FILE_OR_FOLDER and/or --chat CHATS.jsonl")
@@ -263,9 +264,6 @@ def _plan_train(out_dir: Path, layer: int | None, corpus: list[Path], chat: list
 
 
 def _argv_tail() -> list[str]:
-    import shlex
-    import sys
-
     args = sys.argv[1:]
     if args[:2] == ["sae", "train"]:
         args = args[2:]

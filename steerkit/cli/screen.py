@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -109,8 +110,6 @@ def screen_cmd(
         if not winners:
             err.print("no candidate passed the screen: nothing shipped")
         else:
-            from dataclasses import replace
-
             from steerkit.directions import save_direction
 
             best = next(d for d in dirs if d.name == winners[0]["candidate"])

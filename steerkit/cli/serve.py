@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 import typer
 
 from steerkit.cli import app
-from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, LayerOpt, ModelOpt, err
-from steerkit.cli.generate import AblateOpt, AddOpt, ClampOpt, PositionsOpt, RawOpt, precheck, _load
+from steerkit.cli.common import AnyModelOpt, DeviceOpt, DtypeOpt, LayerOpt, ModelOpt, err, load_with_status
+from steerkit.cli.generate import AblateOpt, AddOpt, ClampOpt, PositionsOpt, RawOpt, precheck
 from steerkit.errors import SteerkitError
 
 
@@ -58,13 +59,12 @@ def serve_cmd(
         import uvicorn
     except ImportError:
         raise SteerkitError("serving needs the serve extra: pip install 'steerkit[serve]'") from None
-    import dataclasses
 
     # every option checked before the model loads
     config = ServeConfig(max_batch=max_batch, batch_wait=batch_wait_ms / 1000, max_queue=max_queue, max_body_bytes=max_body_bytes, default_max_tokens=max_tokens,
                          positions=positions, allow_paths=allow_paths, any_model=any_model)  # type: ignore[arg-type]
     _, specs, dirs = precheck(model, device, add, clamp, ablate, layer, raw, any_model)
-    model_obj = _load(model, device, dtype)
+    model_obj = load_with_status(model, device, dtype)
     ivs = resolve_steering(model_obj, specs, any_model=any_model, directions=dirs)
     config = dataclasses.replace(config, steering=tuple(ivs))
     api = create_app(model_obj, config)
