@@ -204,7 +204,7 @@ def main() -> None:
             "staggered_median_latency_s": round(statistics.median(r["median_latency_s"] for r in stag[k]), 2),
             "late_runs": [{x: v for x, v in r.items() if not x.endswith("texts") and x != "late_text"} for r in late[k]],
             "staggered_runs": [{x: v for x, v in r.items() if x != "texts"} for r in stag[k]],
-            "server_stats": {x: health[k][x] for x in ("batches", "rows", "joined", "steps", "largest_batch", "errors")},
+            "server_stats": {x: health[k][x] for x in ("batches", "rows", "joined", "steps", "largest_batch", "errors", "prefix_hits")},
         }
 
     # the floor under a late request's time to first token: its own prefill (one row, the chat

@@ -9,6 +9,11 @@ output depends on ``seed``, its prompt and sample index, not on what else is in 
 (up to float rounding between batch shapes). The loop is :class:`DecodeEngine`'s: ``generate``
 runs static batches on it, the server's scheduler lets rows join it between decode steps.
 
+The prefill runs a prompt start that every row of a batch shares (the chat template and its
+system prompt) once per distinct steering rather than once per row, and the decode steps run on
+:mod:`steerkit.decode_kernels` (grouped attention, a KV cache that grows in place, the
+unembedding in pieces); both give the same tokens as the plain path up to float rounding.
+
 Positions (``positions``): ``all`` steers every token but the first (the attention sink);
 ``prompt`` only prompt tokens; ``generated`` the last prompt token (whose output is the first
 new token) and every generated token.
@@ -21,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +36,7 @@ import torch
 
 from steerkit.activations import pad_left, stat_mask
 from steerkit.chat import Messages, as_messages, chat_tokens  # noqa: F401 - as_messages re-exported (its home is steerkit.chat)
+from steerkit.decode_kernels import PrefixCache, cache_kwarg, cache_of, is_plain_layer, new_cache
 from steerkit.errors import SteerkitError
 from steerkit.interventions import POSITIONS, Intervention, PositionMask, Positions, SteeringPlan, bridge_hook_count, steering
 from steerkit.models import LoadedModel
@@ -39,6 +44,10 @@ from steerkit.models import LoadedModel
 # the record format of ``steerkit generate --json`` (README, "From the shell"): the major number
 # changes when a field is removed or changes meaning; new fields keep it
 RECORD_FORMAT = "steerkit.generate/1"
+# prompt starts shorter than this are prefilled per row (sharing them saves too little)
+MIN_SHARED_PREFIX = 8
+# top-p nuclei are looked for among this many most likely tokens first (see _nucleus)
+NUCLEUS_K = 256
 
 
 @dataclass(frozen=True)
@@ -123,21 +132,45 @@ def _sample(logits: torch.Tensor, sampling: Sampling | Sequence[Sampling], gens:
     dev = logits.device
     temps = torch.tensor([x.temperature for x in ss], dtype=torch.float32, device=dev)
     greedy = temps == 0
-    best = logits.argmax(-1)
-    if bool(greedy.all()):
+    any_greedy = bool(greedy.any())
+    best = logits.argmax(-1) if any_greedy else None
+    if any_greedy and bool(greedy.all()):
         return best
     probs = torch.softmax(logits.float() / torch.where(greedy, 1.0, temps)[:, None], dim=-1)
     top_p = torch.tensor([x.top_p for x in ss], dtype=torch.float32, device=dev)[:, None]
     if bool((top_p < 1).any()):
-        sp, si = probs.sort(dim=-1, descending=True)
-        drop = (sp.cumsum(-1) - sp > top_p) & (top_p < 1)  # keep the smallest prefix whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter(-1, si, sp.masked_fill(drop, 0.0))
+        probs = _nucleus(probs, top_p)
     # inverse-CDF sampling: one uniform number per row from that row's own generator
     # (much cheaper than torch.multinomial row by row over a 49k vocabulary)
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens]).to(dev)
-    cdf = probs.double().cumsum(-1)  # (B, V)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)
-    return torch.where(greedy, best, idx[:, 0])
+    cdf = torch.cumsum(probs, -1, dtype=torch.float64)  # (B, V); the same numbers as probs.double().cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)[:, 0]
+    return torch.where(greedy, best, idx) if best is not None else idx
+
+
+def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``probs`` (B, V) with every token outside its row's top-p nucleus set to 0 (rows with
+    ``top_p`` (B, 1) of 1 unchanged): the smallest set of most likely tokens whose mass reaches
+    top_p. Sorting a 49k vocabulary per row per step cost as much as the decode step itself;
+    the nucleus is found among each row's :data:`NUCLEUS_K` most likely tokens instead, and
+    only rows whose nucleus reaches past those are sorted whole (the same tokens are kept,
+    up to exact ties in probability at the nucleus's edge)."""
+    def cut(sp: torch.Tensor, si: torch.Tensor, p: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        drop = sp.cumsum(-1) - sp > p  # keep the smallest prefix whose mass reaches top_p
+        return torch.zeros_like(out).scatter(-1, si, sp.masked_fill(drop, 0.0))
+
+    filt = top_p < 1
+    k = min(NUCLEUS_K, probs.shape[-1])
+    sp, si = probs.topk(k, dim=-1)
+    # every token past the top k is dropped where the top k's mass already exceeds top_p (with room
+    # for the rounding of a longer running sum)
+    fits = (sp.sum(-1, keepdim=True) > top_p + 1e-5) | ~filt
+    out = torch.where(filt, cut(sp, si, top_p, probs), probs)
+    wide = (~fits[:, 0]).nonzero()[:, 0]
+    if len(wide):
+        sp, si = probs[wide].sort(dim=-1, descending=True)
+        out[wide] = cut(sp, si, top_p[wide], probs[wide])
+    return out
 
 
 # (row, new token id, all tokens so far); returning False (not None) ends that row: it leaves
@@ -179,9 +212,11 @@ def generate(
         check_context(model, rows[i], len(ids), (rows[i].sampling or sampling).max_new_tokens)
     # longest prompts first: less padding within a batch
     order = sorted(range(len(rows)), key=lambda i: -len(prompt_ids[i]))
+    prefixes = PrefixCache()
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        with DecodeEngine(model, sampling, positions=positions, stop=stop, on_token=on_token, sae_loader=sae_loader, ignore_eos=ignore_eos) as engine:
+        with DecodeEngine(model, sampling, positions=positions, stop=stop, on_token=on_token, sae_loader=sae_loader, ignore_eos=ignore_eos,
+                          prefixes=prefixes) as engine:
             live = engine.add([rows[i] for i in idx], [prompt_ids[i] for i in idx], logprobs=logprobs)
             while engine.rows:
                 engine.step()
@@ -255,10 +290,8 @@ def _lpad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 
 def _mergeable(past: Any) -> bool:
     """Whether rows' KV caches can be joined along the batch (plain growing per-layer caches)."""
-    from transformers.cache_utils import DynamicLayer
-
     layers = getattr(past, "layers", None)
-    return layers is not None and all(type(layer) is DynamicLayer for layer in layers)
+    return layers is not None and all(is_plain_layer(layer) for layer in layers)
 
 
 class DecodeEngine:
@@ -289,6 +322,7 @@ class DecodeEngine:
         sae_loader: Any = None,
         ignore_eos: bool = False,
         trim: bool = False,
+        prefixes: PrefixCache | None = None,
     ) -> None:
         if positions not in POSITIONS:
             raise SteerkitError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
@@ -300,11 +334,12 @@ class DecodeEngine:
         self.sae_loader = sae_loader
         self.eos = set() if ignore_eos else set(model.eos_token_ids())
         self.trim = trim
+        self.prefixes = prefixes if prefixes is not None else PrefixCache()
         self.dev = model.device
         # the unwrapped twin is faster; the bridge path is kept when someone hooked the bridge themselves
         self.on_twin = getattr(model, "twin", None) is not None and bridge_hook_count(model) == 0
         self.net = model.twin if self.on_twin else model.hf_model
-        self.cache_kw = _cache_kwarg(self.net)  # once per engine, not per decode step
+        self.cache_kw = cache_kwarg(self.net)  # once per engine, not per decode step
         self.step_on = positions != "prompt"
         self.rows: list[LiveRow] = []  # running rows, in cache order
         self.steps = 0  # decode forward passes run
@@ -369,29 +404,14 @@ class DecodeEngine:
             new.append(LiveRow(r, ids, smp, seed, torch.Generator().manual_seed(seed), want, self.steps))
         plan = SteeringPlan.build([list(r.interventions) for r in rows], self.sae_loader)  # may refuse: nothing changed yet
 
-        dev = self.dev
-        T = max(len(x) for x in ids_list)
-        pad = self.model.pad_token_id()
-        input_ids, attn = pad_left(ids_list, pad)
-        input_ids, attn = input_ids.to(dev), attn.to(dev)
-        # prefill positions: real tokens after each row's first one
-        real_after_first = stat_mask(attn)
-        if self.positions == "all" or self.positions == "prompt":
-            prefill_mask = real_after_first
-        else:  # generated: only the last prompt token, which yields the first new token
-            prefill_mask = torch.zeros_like(real_after_first)
-            prefill_mask[:, -1] = True
-
         running = self._view.plan
         self._hook(plan)
-        self._view.plan = plan  # the prefill runs the new rows alone
         try:
-            self._pm.mask = prefill_mask
-            position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-            o = self.net(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+            o, attn = self._prefill(rows, ids_list, plan)
         finally:
             self._view.plan = running
-        past, logits = _cache_of(o), o.logits[:, -1]
+        T = attn.shape[1]
+        past, logits = cache_of(o), o.logits[:, -1]
         if not self.rows:
             self._past, self._attn, self._logits, self._view.plan = past, attn, logits, plan
             self._mergeable = _mergeable(past)
@@ -410,6 +430,92 @@ class DecodeEngine:
             self._view.plan = running.concat(plan)
         self.rows.extend(new)
         return new
+
+    def _prefill(self, rows: Sequence[Row], ids_list: list[list[int]], plan: SteeringPlan) -> tuple[Any, torch.Tensor]:
+        """Run the new rows' prompts (steered by ``plan``); returns the output and the rows'
+        (B, T) attention mask. A prompt start the rows share with each other or with earlier
+        prompts (the chat template and its system prompt) is run once per distinct steering,
+        or taken from :attr:`prefixes`, and its KV cache copied to each row:
+        [shared start | left padding | rest of the prompt]."""
+        dev = self.dev
+        pad = self.model.pad_token_id()
+        cache = new_cache(self.net) if self.on_twin else None
+        P, group_of, starts = self._shared_prefix(rows, ids_list, cache)
+        if P:
+            missing = [g for g, kv in enumerate(starts) if kv is None]
+            if missing:  # run the missing starts, one row per steering group
+                firsts = [group_of.index(g) for g in missing]
+                pre = torch.tensor([ids_list[i][:P] for i in firsts], device=dev)
+                ones = torch.ones_like(pre)
+                self._view.plan = SteeringPlan.build([list(rows[i].interventions) for i in firsts], self.sae_loader)
+                self._pm.mask = stat_mask(ones) if self.positions != "generated" else torch.zeros_like(pre, dtype=torch.bool)
+                o = self.net(input_ids=pre, attention_mask=ones, position_ids=torch.arange(P, device=dev).expand_as(pre),
+                             use_cache=True, logits_to_keep=1, **{self.cache_kw: new_cache(self.net)})
+                layers = cache_of(o).layers
+                for j, (g, i) in enumerate(zip(missing, firsts)):
+                    starts[g] = [(layer.keys[j : j + 1].clone(), layer.values[j : j + 1].clone()) for layer in layers]
+                    self.prefixes.put(self._steer_key(rows[i]), ids_list[i][:P], starts[g], rows[i].interventions)
+            pick = torch.tensor(group_of, device=dev)
+            for n, layer in enumerate(cache.layers):  # each row gets its group's start
+                k = torch.cat([st[n][0] for st in starts])[pick]
+                v = torch.cat([st[n][1] for st in starts])[pick]
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
+        for r, ids in zip(rows, ids_list):
+            self.prefixes.remember(self._steer_key(r), ids)
+        input_ids, tail = pad_left([x[P:] for x in ids_list], pad)
+        input_ids, tail = input_ids.to(dev), tail.to(dev)
+        attn = torch.cat([torch.ones((len(rows), P), dtype=tail.dtype, device=dev), tail], dim=1)
+        if self.positions == "generated":  # only the last prompt token, which yields the first new token
+            mask = torch.zeros_like(tail, dtype=torch.bool)
+            mask[:, -1] = True
+        else:  # real tokens after each row's first one (the attention sink)
+            mask = stat_mask(attn)[:, P:]
+        self._view.plan = plan
+        self._pm.mask = mask
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)[:, P:]
+        kw = {self.cache_kw: cache} if cache is not None else {}
+        o = self.net(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True, logits_to_keep=1, **kw)
+        return o, attn
+
+    def _steer_key(self, row: Row) -> tuple[Any, ...]:
+        """What a prompt start's KV cache depends on besides its tokens: the row's steering
+        (none with positions "generated", which leave the prompt unsteered)."""
+        if self.positions == "generated" or not row.interventions:
+            return ()
+        return tuple((id(iv.direction), iv.mode, float(iv.strength), iv.raw, iv.layer, iv.on_latents) for iv in row.interventions)
+
+    def _shared_prefix(self, rows: Sequence[Row], ids_list: list[list[int]], cache: Any) -> tuple[int, list[int], list[Any]]:
+        """(P, each row's steering group, each group's stored start KV or None to run): the
+        prompt start of P tokens to run once per group or take from :attr:`prefixes`; P = 0
+        where no start of at least :data:`MIN_SHARED_PREFIX` tokens is worth sharing."""
+        none: tuple[int, list[int], list[Any]] = (0, [], [])
+        if cache is None or not all(is_plain_layer(layer) for layer in getattr(cache, "layers", [None])):
+            return none
+        self.prefixes.bind(self.net)
+        shortest = min(len(x) for x in ids_list)
+        first = ids_list[0]
+        common = 0
+        while common < shortest - 1 and all(x[common] == first[common] for x in ids_list):  # the last prompt token stays per row
+            common += 1
+        if common < MIN_SHARED_PREFIX:
+            return none
+        keys: dict[tuple[Any, ...], int] = {}
+        group_of = [keys.setdefault(self._steer_key(r), len(keys)) for r in rows]
+        reps = [ids_list[group_of.index(g)] for g in range(len(keys))]
+        stored = [self.prefixes.find(k, ids, common) for k, ids in zip(keys, reps)]
+        if all(n >= MIN_SHARED_PREFIX for n, _ in stored):  # every group's start was run before
+            P = min(n for n, _ in stored)
+            return P, group_of, [[(k[..., :P, :], v[..., :P, :]) for k, v in kv] for _, kv in stored]
+        longest = max(len(x) for x in ids_list)
+        if len(rows) >= 2 and len(keys) * common + len(rows) * (longest - common) <= 0.8 * len(rows) * longest:
+            P = common  # shared within this batch: worth running once per group
+        else:  # worth running once if earlier prompts began the same way (they will again)
+            P = min(self.prefixes.seen(k, ids, common) for k, ids in zip(keys, reps))
+            if P < MIN_SHARED_PREFIX:
+                return none
+        starts = [[(k[..., :P, :], v[..., :P, :]) for k, v in kv] if n >= P else None for n, kv in stored]
+        return P, group_of, starts
 
     # --- one step --------------------------------------------------------------------------------
 
@@ -472,7 +578,7 @@ class DecodeEngine:
         pos = attn.sum(-1, keepdim=True) - 1
         self._pm.mask = torch.full((len(self.rows), 1), self.step_on, dtype=torch.bool, device=dev)
         o = self.net(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{self.cache_kw: self._past})
-        self._past, self._attn, self._logits = _cache_of(o), attn, o.logits[:, -1]
+        self._past, self._attn, self._logits = cache_of(o), attn, o.logits[:, -1]
         self.steps += 1
         return completions
 
@@ -505,18 +611,6 @@ class DecodeEngine:
             top_logprobs=lv.tops if lv.logprobs else None,
         )
         return lv.completion
-
-
-def _cache_kwarg(net: torch.nn.Module) -> str:
-    """The name the model's forward takes the KV cache by: ``cache`` from transformers 5.24 on
-    (``past_key_values`` still works there, with a deprecation warning, until 5.40)."""
-    return "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
-
-
-def _cache_of(output: Any) -> Any:
-    """The KV cache a forward returned (``cache`` from transformers 5.24 on, ``past_key_values`` before)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
 
 
 def _hit_stop(model: LoadedModel, ids: list[int], stop: Sequence[str]) -> bool:

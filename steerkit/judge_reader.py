@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from steerkit.chat import as_messages, chat_tokens
+from steerkit.decode_kernels import cache_kwarg, cache_of
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import atomic_write_bytes
 from steerkit.judge_score import Pair, Score, coherence
@@ -128,42 +129,88 @@ BLOCKS = ("hidden", "scalars")
 
 @torch.inference_mode()
 def read(reader: Any, pairs: Sequence[Pair], layers: Sequence[int] = LAYERS, batch_size: int = 16,
-         vocab: set[str] | None = None) -> Features:
-    """Run the reader over each (question, answer): ``[N, ...]`` features, in the order given."""
+         vocab: set[str] | None = None, share_prompts: bool = True) -> Features:
+    """Run the reader over each (question, answer): ``[N, ...]`` features, in the order given.
+
+    ``share_prompts``: each distinct question is read once and its KV cache reused for every
+    answer to it (a sweep has dozens per question; the same features up to float rounding);
+    False reads every question-and-answer sequence whole."""
     enc = reader.encode(pairs)
     d = int(reader.model.config.hidden_size)
     hidden = torch.zeros(len(pairs), len(layers) * d)
     scal = torch.zeros(len(pairs), len(SCALARS))
     head = reader.model.get_output_embeddings()
     pad = reader.tokenizer.pad_token_id if reader.tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
-    for s in range(0, len(order), batch_size):
-        idx = [i for i in order[s : s + batch_size] if enc[i][1]]
-        if not idx:
-            continue
-        seqs = [enc[i][0] + enc[i][1] for i in idx]
-        T = max(map(len, seqs))
-        ids = torch.full((len(idx), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
-        for r, sq in enumerate(seqs):  # right padding: positions need no shifting
-            ids[r, : len(sq)] = torch.tensor(sq)
-            mask[r, : len(sq)] = 1
-        out = reader.model.base_model(input_ids=ids.to(reader.device), attention_mask=mask.to(reader.device), output_hidden_states=True)
-        hs = out.hidden_states
-        last = out.last_hidden_state
-        for r, i in enumerate(idx):
-            p, a = enc[i]
-            span = slice(len(p), len(p) + len(a))  # the answer's own positions
+
+    def features(rows: list[int], hs: Sequence[torch.Tensor], states: list[torch.Tensor], starts: list[int]) -> None:
+        """``states[r]``: the final states that predict row r's answer tokens; its answer's
+        own positions in ``hs`` begin at ``starts[r]``."""
+        lps = torch.log_softmax(head(torch.cat(states)).float().cpu(), -1).split([len(x) for x in states])
+        for r, i in enumerate(rows):
+            a = enc[i][1]
+            span = slice(starts[r], starts[r] + len(a))
             hidden[i] = torch.cat([hs[L][r, span].float().mean(0).cpu() for L in layers])
-            lp = torch.log_softmax(head(last[r, len(p) - 1 : len(p) + len(a) - 1]).float().cpu(), -1)
+            lp = lps[r]
             nll = -lp.gather(-1, torch.tensor(a)[:, None])[:, 0]
             ent = -(lp.exp() * lp).sum(-1)
             w = min(WINDOW, len(a))
             scal[i, :3] = torch.tensor([nll.mean(), ent.mean(), nll.unfold(0, w, 1).mean(-1).max()])
+
+    def right_padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        T = max(map(len, seqs))
+        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for r, sq in enumerate(seqs):  # right padding: positions need no shifting
+            ids[r, : len(sq)] = torch.tensor(sq)
+            mask[r, : len(sq)] = 1
+        return ids.to(reader.device), mask.to(reader.device)
+
+    net = reader.model.base_model
+    if share_prompts:
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for i, (p, a) in enumerate(enc):
+            if a:
+                by_prompt.setdefault(tuple(p), []).append(i)
+        kw = cache_kwarg(net)
+        for prompt, rows in by_prompt.items():
+            P = len(prompt)
+            o = net(input_ids=torch.tensor([prompt], device=reader.device), use_cache=True)
+            kv = [(layer.keys, layer.values) for layer in cache_of(o).layers]
+            first = o.last_hidden_state[0, -1:]  # predicts each answer's first token
+            rows = sorted(rows, key=lambda i: len(enc[i][1]))
+            for s in range(0, len(rows), batch_size):
+                chunk = rows[s : s + batch_size]
+                B = len(chunk)
+                ids, mask = right_padded([enc[i][1] for i in chunk])
+                past = _expanded_cache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in kv])
+                attn = torch.cat([torch.ones((B, P), dtype=mask.dtype, device=mask.device), mask], dim=1)
+                pos = torch.arange(P, P + ids.shape[1], device=ids.device).expand(B, -1)
+                out = net(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, output_hidden_states=True, **{kw: past})
+                last = out.last_hidden_state
+                states = [torch.cat([first, last[r, : len(enc[i][1]) - 1]]) for r, i in enumerate(chunk)]
+                features(chunk, out.hidden_states, states, [0] * B)
+    else:
+        order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
+        for s in range(0, len(order), batch_size):
+            idx = [i for i in order[s : s + batch_size] if enc[i][1]]
+            if not idx:
+                continue
+            ids, mask = right_padded([enc[i][0] + enc[i][1] for i in idx])
+            out = net(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            last = out.last_hidden_state
+            starts = [len(enc[i][0]) for i in idx]
+            features(idx, out.hidden_states, [last[r, p - 1 : p + len(enc[i][1]) - 1] for r, (i, p) in enumerate(zip(idx, starts))], starts)
     for i, ((_, a), (_, ans)) in enumerate(zip(enc, pairs)):
         scal[i, 3] = coherence(ans, vocab) / 100.0
         scal[i, 4] = math.log1p(len(a))
     return Features(hidden, scal)
+
+
+def _expanded_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A fresh KV cache holding ``kv`` (per layer keys, values), which forwards then extend."""
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache(ddp_cache_data=kv)
 
 
 # --- heads ---------------------------------------------------------------------------------------

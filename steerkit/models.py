@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from steerkit.decode_kernels import prepare_twin
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import cache_dir, user_data_dir  # noqa: F401 - re-exported
 from steerkit.model_specs import (  # noqa: F401 - the spec helpers are re-exported: older callers import them from here
@@ -420,6 +421,7 @@ def _plain_twin(hf_model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
             return None
         twin.eval()
         twin.generation_config = hf_model.generation_config
+        prepare_twin(twin)
     except Exception:  # an architecture we cannot rebuild this way: keep the bridge path
         return None
     layers = [m for m in twin.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]

@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from steerkit.decode_kernels import PrefixCache
 from steerkit.generate import Completion, DecodeEngine, Row, generate
 from steerkit.interventions import Positions
 from steerkit.models import LoadedModel
@@ -128,7 +129,9 @@ class Scheduler:
         # batches: started by an idle worker; joined: rows that joined a running batch; steps: decode
         # forward passes (continuous batching); largest_batch: most rows running at once
         self.stats = {"requests": 0, "batches": 0, "rows": 0, "rows_cancelled": 0, "largest_batch": 0, "running_rows": 0, "errors": 0,
-                      "joined": 0, "steps": 0}
+                      "joined": 0, "steps": 0, "prefix_hits": 0}
+        # prompt starts (chat template, system prompt) run once and reused by later requests
+        self.prefixes = PrefixCache()
 
     # --- control -------------------------------------------------------------------------------
 
@@ -239,7 +242,7 @@ class Scheduler:
         self.stats["batches"] += 1
         running: list[Job] = []  # jobs with rows in the engine or still queued
         try:
-            with DecodeEngine(self.model, positions=self.positions, on_token=self._on_token, trim=True) as engine:
+            with DecodeEngine(self.model, positions=self.positions, on_token=self._on_token, trim=True, prefixes=self.prefixes) as engine:
                 self._admit(engine, taken, running)
                 while engine.rows:
                     before = engine.steps
@@ -253,6 +256,7 @@ class Scheduler:
                                 _safe_emit(j, ("error", e))
                         return
                     self.stats["steps"] += engine.steps - before
+                    self.stats["prefix_hits"] = self.prefixes.hits
                     for c in done:
                         self._on_complete(c)
                     running = [j for j in running if len(j.results) < len(j.rows)]

@@ -198,6 +198,24 @@ def test_sampler_matches_distribution_and_top_p():
     assert abs(float(freq[0]) - 0.5 / 0.8) < 0.03
 
 
+def _nucleus_by_full_sort(probs, top_p):
+    """The definition: sort every row, keep the smallest prefix whose mass reaches top_p."""
+    sp, si = probs.sort(dim=-1, descending=True)
+    drop = (sp.cumsum(-1) - sp > top_p) & (top_p < 1)
+    return torch.zeros_like(probs).scatter(-1, si, sp.masked_fill(drop, 0.0))
+
+
+@pytest.mark.parametrize("vocab", [5, 300, 49152])
+@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])  # flat rows (nucleus past the top k: sorted whole) to peaked ones
+def test_nucleus_keeps_the_tokens_a_full_sort_keeps(vocab, scale):
+    from steerkit.generate import _nucleus
+
+    g = torch.Generator().manual_seed(vocab + int(scale * 10))
+    probs = torch.softmax(torch.randn(8, vocab, generator=g) * scale, -1)
+    top_p = torch.tensor([[0.9], [1.0], [0.5], [0.99], [0.999], [0.05], [0.95], [0.3]])
+    assert torch.equal(_nucleus(probs, top_p), _nucleus_by_full_sort(probs, top_p))
+
+
 def test_generation_runs_on_the_unwrapped_twin_and_matches_the_bridge_path(tiny, d):
     """Generation runs on the twin (same weights, no bridge wrappers); a user's own bridge hook
     sends it through the bridge instead, and both paths give the same tokens."""
@@ -255,3 +273,126 @@ def test_bridge_kv_cache_matches_an_unwrapped_reference(tiny):
             got[name] = o2.logits[:, -1]
     torch.testing.assert_close(got["bridge"], got["ref"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got["twin"], got["ref"], atol=1e-5, rtol=1e-5)
+
+
+# --- a prompt start shared by the batch is prefilled once per steering group -------------------
+
+SYSTEM = "You are a careful assistant who answers briefly, kindly and well."
+
+
+def _shared_rows(d, strengths):
+    """Rows with one long system prompt and different questions, steered per strength group."""
+    ivs = [Intervention(d, "add", s) for s in strengths]
+    qs = ["hello world", "what now?", "tell me a story about the sea", "hi"]
+    return [Row(as_messages(q, system=SYSTEM), prompt_index=i, interventions=(ivs[i % len(ivs)],)) for i, q in enumerate(qs)]
+
+
+def _spy_prefix(monkeypatch):
+    from steerkit.generate import DecodeEngine
+
+    seen = []
+    real = DecodeEngine._shared_prefix
+
+    def spy(self, rows, ids, cache):
+        out = real(self, rows, ids, cache)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(DecodeEngine, "_shared_prefix", spy)
+    return seen
+
+
+@pytest.mark.parametrize("strengths", [(0.0,), (3.0, -6.0)])
+def test_shared_prompt_start_equals_the_uncached_reference(tiny, d, strengths, monkeypatch):
+    seen = _spy_prefix(monkeypatch)
+    rows = _shared_rows(d, strengths)
+    got = generate(tiny, rows, GREEDY, batch_size=len(rows))
+    P, groups, starts = seen[0]
+    assert P >= 8 and len(set(groups)) == len(strengths) == len(starts)  # the prefix was shared, once per strength
+    for r, c in zip(rows, got):
+        assert c.token_ids == manual_greedy(tiny, r.messages, d.vector, r.interventions[0].strength, 1, GREEDY.max_new_tokens)
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
+def test_shared_prompt_start_equals_per_row_prefill(tiny, d, positions, monkeypatch):
+    import steerkit.generate as gen
+
+    rows = _shared_rows(d, (4.0, -4.0, 0.0))
+    s = Sampling(max_new_tokens=10, temperature=1.0, seed=5)
+    shared = generate(tiny, rows, s, batch_size=4, positions=positions, logprobs=0)
+    monkeypatch.setattr(gen, "MIN_SHARED_PREFIX", 10**9)
+    alone = generate(tiny, rows, s, batch_size=4, positions=positions, logprobs=0)
+    for a, b in zip(shared, alone):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_shared_prefix_groups_rows_by_their_steering(tiny, d):
+    from steerkit.decode_kernels import new_cache
+    from steerkit.generate import DecodeEngine
+
+    a, b = Intervention(d, "add", 1.0), Intervention(d, "add", 2.0)
+    rows = [Row(as_messages(q, system=SYSTEM), interventions=iv) for q, iv in [("x", (a,)), ("y", (b,)), ("z", (a,)), ("w", ())]]
+    ids = [chat_tokens(tiny, r.messages) for r in rows]
+    with DecodeEngine(tiny) as e:
+        P, groups, starts = e._shared_prefix(rows, ids, new_cache(e.net))
+    assert 0 < P < min(map(len, ids)) and all(x[:P] == ids[0][:P] for x in ids)
+    assert groups == [0, 1, 0, 2] and starts == [None, None, None]
+    with DecodeEngine(tiny, positions="generated") as e:  # the prompt is not steered: one group
+        assert e._shared_prefix(rows, ids, new_cache(e.net))[1] == [0, 0, 0, 0]
+    with DecodeEngine(tiny) as e:  # no common start worth sharing
+        assert e._shared_prefix(rows[:2], [[1, 2, 3], [4, 5, 6]], new_cache(e.net))[0] == 0
+
+
+def test_prefix_cache_serves_later_batches_and_single_requests(tiny, d, monkeypatch):
+    """A start run once is reused by later engines sharing the cache; a single request whose
+    prompt begins like an earlier one stores its start for the next; tokens match per-row prefill."""
+    import steerkit.generate as gen
+    from steerkit.generate import DecodeEngine, PrefixCache
+
+    iv = Intervention(d, "add", 3.0)
+    qs = ["hello world", "what now?", "tell me a story", "hi there", "one more"]
+    rows = [Row(as_messages(q, system=SYSTEM), prompt_index=i, interventions=(iv,) if i % 2 else ()) for i, q in enumerate(qs)]
+
+    def run(row_groups, cache):
+        out = []
+        for group in row_groups:
+            with DecodeEngine(tiny, GREEDY, prefixes=cache) as e:
+                live = e.add(group, logprobs=0)
+                while e.rows:
+                    e.step()
+            out += [lv.completion for lv in live]
+        return out
+
+    cache = PrefixCache()
+    got = run([rows[:2], [rows[2]], [rows[3]], [rows[4]]], cache)
+    # rows 0 and 1 are steered differently: sharing inside that batch saves nothing; row 2 begins
+    # like row 0 (runs its start and stores it), row 3 like row 1 (stores), row 4 finds row 2's
+    assert (cache.runs, cache.hits) == (2, 1)
+    cache.hits = 0
+    again = run([rows[:2], [rows[2]]], cache)  # every start stored now
+    assert (cache.runs, cache.hits) == (2, 3)
+    assert [c.token_ids for c in again] == [c.token_ids for c in got[:3]]
+    monkeypatch.setattr(gen, "MIN_SHARED_PREFIX", 10**9)
+    want = run([[r] for r in rows], PrefixCache())
+    for a, b in zip(got, want):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_prefix_cache_keeps_steerings_apart_and_forgets_the_oldest(tiny):
+    from steerkit.generate import PrefixCache
+
+    c = PrefixCache(max_entries=2)
+    c.bind(tiny.twin)
+    kv = [(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))]
+    c.put((), [1, 2, 3], kv, ())
+    assert c.find(("other",), [1, 2, 3, 4], 10)[0] == 0  # another steering: not this start
+    assert c.find((), [1, 2, 9], 10)[0] == 2 and c.find((), [1, 2, 3, 4], 2)[0] == 2  # shared part, capped
+    c.put((), [5, 6, 7], kv, ())
+    c.put((), [8, 9, 9], kv, ())
+    assert c.find((), [1, 2, 3], 10)[0] == 0 and len(c.entries) == 2
+    c.remember((), [4, 4, 4, 4])
+    assert c.seen((), [4, 4, 4, 1], 10) == 3 and c.seen(("x",), [4, 4, 4, 1], 10) == 0
+    c.bind(torch.nn.Linear(1, 1))  # another model: nothing carries over
+    assert not c.entries and not c.recent

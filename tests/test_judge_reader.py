@@ -200,3 +200,19 @@ def test_cli_fit_and_validate_refuse_bad_input_before_reading(tmp_path):
     assert r.exit_code == 1 and "is not a folder" in r.output
     r = CliRunner().invoke(app, ["judge", "fit", "--out", str(tmp_path / "new.safetensors"), "--reference", str(tmp_path / "none.jsonl")])
     assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def test_reading_each_question_once_gives_the_same_features(tiny):
+    """Answers to one question reuse its KV cache: the features equal reading every question-and-
+    answer sequence whole (up to float rounding), in the order given, empty answers included."""
+    from steerkit.judge_reader import Reader
+    from steerkit.testing import tiny_hf_model, tiny_tokenizer
+
+    plain = Reader("tiny", model=tiny_hf_model(), tokenizer=tiny_tokenizer())
+    pairs = [("what is money?", "risk money now"), ("hi?", "hello world, the quick brown fox"), ("what is money?", "zzz qq"),
+             ("what is money?", ""), ("hi?", "a"), ("what is money?", "hello world " * 5)]
+    shared = read(plain, pairs, layers=(1, 3), batch_size=2)
+    whole = read(plain, pairs, layers=(1, 3), batch_size=2, share_prompts=False)
+    torch.testing.assert_close(shared.hidden, whole.hidden, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(shared.scalars, whole.scalars, rtol=1e-4, atol=1e-4)
+    assert shared.hidden[3].abs().sum() == 0 and shared.hidden[0].abs().sum() > 0  # the empty answer stays unread

@@ -229,3 +229,20 @@ def test_scheduler_cancel_stop_and_split_jobs(tiny, tilt):
     assert [r.token_ids for r in big.emit.events[-1][1]] == [c.token_ids for c in generate(tiny, big.rows)]
     assert runner.emit.events[-1][1][0].token_ids == alone(tiny, runner.rows[0]).token_ids
     assert sched.stats["largest_batch"] == 4 and sched.stats["joined"] == 5 and sched.stats["batches"] == 1
+
+
+def test_scheduler_reuses_a_prompt_start_across_requests(tiny):
+    """Requests one after another with the same system prompt: from the third on, the server
+    prefills only what follows the stored start, with the tokens each request gets alone."""
+    system = "You are a careful assistant who answers briefly, kindly and well."
+    sched = Scheduler(tiny, max_batch=4, continuous=True)
+    rows = [Row(as_messages(q, system=system), sampling=Sampling(8, 0.0)) for q in ["hello", "what now?", "tell me more", "bye"]]
+    got = []
+    for r in rows:
+        job = Job([r], Recorder())
+        assert sched.submit(job) and job.emit.done.wait(60)
+        got.append(job.emit.events[-1][1][0])
+    sched.stop()
+    # the 2nd request begins like the 1st: its start is run and stored; the 3rd and 4th find it
+    assert sched.prefixes.runs == 1 and sched.stats["prefix_hits"] == 2
+    assert [c.token_ids for c in got] == [alone(tiny, r).token_ids for r in rows]
