@@ -211,8 +211,9 @@ def test_reading_each_question_once_gives_the_same_features(tiny):
     plain = Reader("tiny", model=tiny_hf_model(), tokenizer=tiny_tokenizer())
     pairs = [("what is money?", "risk money now"), ("hi?", "hello world, the quick brown fox"), ("what is money?", "zzz qq"),
              ("what is money?", ""), ("hi?", "a"), ("what is money?", "hello world " * 5)]
-    shared = read(plain, pairs, layers=(1, 3), batch_size=2)
-    whole = read(plain, pairs, layers=(1, 3), batch_size=2, share_prompts=False)
+    pairs += [("what is money?", f"answer number {k} " * (k + 1)) for k in range(8)]  # enough answers to share the question
+    shared = read(plain, pairs, layers=(1, 3), batch_size=3)
+    whole = read(plain, pairs, layers=(1, 3), batch_size=3, share_prompts=False)
     torch.testing.assert_close(shared.hidden, whole.hidden, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(shared.scalars, whole.scalars, rtol=1e-4, atol=1e-4)
     assert shared.hidden[3].abs().sum() == 0 and shared.hidden[0].abs().sum() > 0  # the empty answer stays unread
