@@ -176,36 +176,64 @@ def chat_activations(
     :func:`direction_scorer` on the model's device). ``progress(n)`` is called after each batch
     with the number of chats done in it.
     """
-    check_compatible(direction, model, allow_other_model)
+    got = chat_activations_many(model, [direction], chats, batch_size, {direction.name: scorer} if scorer is not None else None,
+                                allow_other_model, progress)
+    return got[direction.name]
+
+
+@torch.inference_mode()
+def chat_activations_many(
+    model: LoadedModel,
+    directions: Sequence[Direction],
+    chats: Sequence[Messages],
+    batch_size: int = 16,
+    scorers: dict[str, Scorer] | None = None,
+    allow_other_model: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, list[ChatActivation]]:
+    """:func:`chat_activations` for several directions at once, by name: one forward pass per
+    batch and per layer the directions read (so 32 random controls on one layer cost one pass,
+    not 32). ``scorers`` maps names to scorers (missing ones: :func:`direction_scorer`);
+    ``progress(n)`` is called once per batch and layer."""
+    names = [d.name for d in directions]
+    if len(set(names)) != len(names):
+        raise SteerkitError(f"directions need distinct names, got {', '.join(names)}")
+    for d in directions:
+        check_compatible(d, model, allow_other_model)
     if batch_size < 1:
         raise SteerkitError(f"--batch-size must be at least 1, got {batch_size}")
-    score = scorer or direction_scorer(direction, model.device)
+    score = {d.name: (scorers or {}).get(d.name) or direction_scorer(d, model.device) for d in directions}
     split = [chat_split(model, list(m)) for m in chats]
     limit = model.context_length
     for i, (ids, _) in enumerate(split):
         if len(ids) > limit:
             raise SteerkitError(f"chat {i} has {len(ids)} tokens, more than the context length {limit}: shorten it")
-    results: list[ChatActivation | None] = [None] * len(split)
+    results: dict[str, list[ChatActivation | None]] = {n: [None] * len(split) for n in names}
     order = sorted(range(len(split)), key=lambda i: -len(split[i][0]))
     pad = model.pad_token_id()
     tok = model.tokenizer
+    pieces = [[tok.decode([t]) for t in toks] for toks, _ in split]
+    layers: dict[int, list[Direction]] = {}
+    for d in directions:
+        layers.setdefault(d.layer, []).append(d)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         seqs = [split[i][0] for i in idx]
         ids, am = pad_left(seqs, pad)
-        acts = residuals(model, ids, direction.layer, am)
-        vals = score(acts).float().cpu()  # [B, T]
         T = ids.shape[1]
-        for b, i in enumerate(idx):
-            toks, start = split[i]
-            row = vals[b, T - len(toks) :].tolist() if toks else []
-            if row:
-                row[0] = math.nan
-            pieces = [tok.decode([t]) for t in toks]
-            results[i] = ChatActivation(token_ids=list(toks), tokens=pieces, values=row, answer_start=start)
-        if progress is not None:
-            progress(len(idx))
-    return [r for r in results if r is not None]
+        for layer, group in layers.items():
+            acts = residuals(model, ids, layer, am)
+            for d in group:
+                vals = score[d.name](acts).float().cpu()  # [B, T]
+                for b, i in enumerate(idx):
+                    toks, start = split[i]
+                    row = vals[b, T - len(toks) :].tolist() if toks else []
+                    if row:
+                        row[0] = math.nan
+                    results[d.name][i] = ChatActivation(token_ids=list(toks), tokens=list(pieces[i]), values=row, answer_start=start)
+            if progress is not None:
+                progress(len(idx))
+    return {n: [r for r in rs if r is not None] for n, rs in results.items()}
 
 
 # --- how well an activation separates two classes ---------------------------------------------------

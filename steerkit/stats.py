@@ -56,6 +56,31 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     return cov / math.sqrt(vx * vy)
 
 
+def quantile(xs: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``xs`` (linear between order statistics, as numpy's default); nan
+    when empty."""
+    v = sorted(xs)
+    if not v:
+        return math.nan
+    pos = q * (len(v) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def control_band(value: float, controls: Sequence[float]) -> tuple[float, float, float]:
+    """Where a statistic (e.g. a direction's Spearman rho) sits among the same statistic of random
+    controls: the controls' central 95% (2.5% and 97.5% quantiles) and the share of controls at
+    least as extreme, ``(1 + #{|c| >= |value|}) / (1 + n)`` (a permutation-style p-value: small
+    when the direction does what few random directions do). Controls that are nan are left out;
+    all nan without controls or without a value."""
+    cs = [c for c in controls if not math.isnan(c)]
+    if not cs or math.isnan(value):
+        return math.nan, math.nan, math.nan
+    p = (1 + sum(abs(c) >= abs(value) - 1e-12 for c in cs)) / (1 + len(cs))
+    return quantile(cs, 0.025), quantile(cs, 0.975), p
+
+
 def rogan_gladen(successes: int, n: int, sensitivity: float, specificity: float,
                  n_positive: int | None = None, n_negative: int | None = None, z: float = Z95) -> tuple[float, float, float]:
     """A rate measured by an imperfect judge, corrected for its error (Rogan & Gladen 1978):

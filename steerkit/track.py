@@ -8,8 +8,17 @@ over every answer and over its prompt (:func:`steerkit.monitor.chat_activations`
 checkpoint's own model). With ``out_dir`` each answer is appended to ``answers.jsonl`` as its
 batch finishes, the settings go to ``track.json`` and the per-point summaries to
 ``points.jsonl``; a rerun keeps every answer whose checkpoint (folder and weights hash) and
-settings match, so it generates only what is missing. The statistics (rates with intervals,
+settings match, so it generates only what is missing. Directions are not part of that match: a
+rerun with a direction added (or its file changed) measures it on the kept answers, on each
+checkpoint's model, without generating again. ``controls=K`` adds K random directions per layer
+read (matched to the first direction on it, :func:`steerkit.controls.random_controls`): each
+direction's Spearman rho is then reported beside the band of the controls' rho, so "tracks
+misalignment" can be told from "moves with any fine-tune". The statistics (rates with intervals,
 activations, Spearman's rho, which moves first) are :mod:`steerkit.track_stats`'.
+
+Why one module of this size: the settings, the store and its resume rules, and the run that
+generates and measures are one contract (what a rerun keeps, measures again or refuses); split,
+each half would have to re-derive the other's keys.
 
 What it leaves out: training (``steerkit finetune``), loading the judge and the model (the CLI
 does it), and plots (:func:`steerkit.report.plot_track_png`).
@@ -25,6 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from steerkit.chat import Messages
+from steerkit.controls import random_controls
 from steerkit.directions import Direction, check_compatible, vector_digest
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import atomic_write_text, check_writable_dir, read_store
@@ -32,16 +43,25 @@ from steerkit.generate import Row, Sampling, TokenCallback, generate
 from steerkit.judge import Judge, judge_name, score_all, verdict_fields
 from steerkit.lora import AdapterSwap
 from steerkit.models import LoadedModel
-from steerkit.monitor import chat_activations, direction_scorer
+from steerkit.monitor import chat_activations_many, direction_scorer
 from steerkit.prompts import Prompt
 from steerkit.track_points import TrackPoint
-from steerkit.track_stats import Correlation, Lead, PointSummary, float_or_none, jsonable, summarize, summarize_point
+from steerkit.track_stats import (
+    Correlation,
+    Lead,
+    PointSummary,
+    float_or_none,
+    jsonable,
+    summarize,
+    summarize_point,
+)
 
 ANSWERS = "answers.jsonl"
 CONFIG = "track.json"
 POINTS = "points.jsonl"
 PLOT_PNG = "track.png"
 CONFIG_FORMAT = "steerkit.track/1"
+MEASURED = ("directions", "controls")  # settings a rerun re-measures on kept answers instead of refusing
 
 
 # --- settings and the store -----------------------------------------------------------------
@@ -52,10 +72,27 @@ def direction_config(d: Direction) -> dict[str, Any]:
             **({"sae": str(d.sae_path()), "latents": list(d.latents)} if d.is_sae else {})}
 
 
+def draw_controls(directions: Sequence[Direction], k: int, seed: int = 0) -> tuple[list[Direction], dict[str, list[str]]]:
+    """``k`` random control directions per layer that ``directions`` read, each group matched
+    (layer, strength unit) to the first direction on its layer and named ``random-L<layer>-<i>``;
+    and which controls each direction is compared with (those of its layer)."""
+    if k < 0:
+        raise SteerkitError(f"--control random:K needs K >= 0, got {k}")
+    first: dict[int, Direction] = {}
+    for d in directions:
+        first.setdefault(d.layer, d)
+    ctrls = [c for layer, d in first.items() for c in random_controls(d, k, seed=seed, prefix=f"random-L{layer}")] if k else []
+    clash = {d.name for d in directions} & {c.name for c in ctrls}
+    if clash:
+        raise SteerkitError(f"a direction is named like a control ({', '.join(sorted(clash))}): rename it or drop --control")
+    return ctrls, {d.name: [c.name for c in ctrls if c.layer == d.layer] for d in directions} if ctrls else {}
+
+
 def track_config(model_name: str, directions: Sequence[Direction], questions: Sequence[Prompt], samples: int,
-                 sampling: Sampling, judge: Judge | None) -> dict[str, Any]:
+                 sampling: Sampling, judge: Judge | None, controls: int = 0) -> dict[str, Any]:
     """Everything that decides an answer's record other than its checkpoint; a resumed folder
-    must match it exactly."""
+    must match it exactly, except for what is measured on the answers (:data:`MEASURED`:
+    directions and controls), which a rerun measures again where it changed."""
     qdigest = hashlib.sha256(json.dumps([[q.id, q.messages] for q in questions], sort_keys=True).encode()).hexdigest()[:16]
     cfg: dict[str, Any] = {
         "format": CONFIG_FORMAT,
@@ -67,6 +104,9 @@ def track_config(model_name: str, directions: Sequence[Direction], questions: Se
         "sampling": asdict(sampling),
         "judge": judge_name(judge),
     }
+    if controls:
+        ctrls, by_dir = draw_controls(directions, controls)
+        cfg["controls"] = {"random": controls, "draws": [direction_config(c) for c in ctrls], "by_direction": by_dir}
     err = getattr(judge, "error_rates", None)
     if err:
         cfg["judge_error"] = err
@@ -96,6 +136,7 @@ def check_out(out_dir: str | os.PathLike, config: dict[str, Any] | None = None, 
     check_writable_dir(d)
     if not d.is_dir() or force:
         return d
+    ignore = (*ignore, *MEASURED)
     cfg = d / CONFIG
     if cfg.is_file():
         try:
@@ -118,23 +159,42 @@ def check_out(out_dir: str | os.PathLike, config: dict[str, Any] | None = None, 
     return d
 
 
+def _measured(config: dict[str, Any]) -> dict[str, Any]:
+    """Name -> settings of every direction and control a config measures."""
+    ds = list(config.get("directions", [])) + list((config.get("controls") or {}).get("draws", []))
+    return {x["name"]: x for x in ds}
+
+
+def _unmeasured(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide the answers themselves (a changed one means generating again)."""
+    return {k: v for k, v in config.items() if k not in MEASURED}
+
+
 def _prepare_out(d: Path, config: dict[str, Any], force: bool) -> list[dict[str, Any]]:
     check_out(d, config, force)
     d.mkdir(parents=True, exist_ok=True)
     cfg = d / CONFIG
-    same = False
+    old: Any = None
     if cfg.is_file():
         try:
-            same = json.loads(cfg.read_text(encoding="utf-8")) == config
+            old = json.loads(cfg.read_text(encoding="utf-8"))
         except ValueError:
-            same = False
-    if same:
+            old = None
+    if isinstance(old, dict) and _unmeasured(old) == _unmeasured(config):
         res = d / ANSWERS
         records = read_answers(res)
         if res.exists():
             data = res.read_bytes()
             if data and not data.endswith(b"\n"):
                 res.write_bytes(data[: data.rfind(b"\n") + 1])
+        if old != config:  # directions added, dropped or changed: drop values that no longer hold, then measure
+            was, now = _measured(old), _measured(config)
+            changed = {n for n, x in now.items() if was.get(n) != x} | (set(was) - set(now))
+            if changed and records:
+                for r in records:
+                    r["activation"] = {k: v for k, v in (r.get("activation") or {}).items() if k not in changed}
+                atomic_write_text(res, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), force=True)
+            atomic_write_text(cfg, json.dumps(config, indent=2) + "\n", force=True)
         return records
     for name in (ANSWERS, POINTS, PLOT_PNG):  # --force with other settings: start afresh
         (d / name).unlink(missing_ok=True)
@@ -209,6 +269,7 @@ def run_track(
     on_progress: Callable[[int, int, TrackPoint | None], None] | None = None,
     on_token: TokenCallback | None = None,
     on_point: Callable[[PointSummary], None] | None = None,
+    controls: int = 0,
 ) -> TrackResult:
     """Generate, judge and measure every (point, question, sample) answer on one model.
 
@@ -218,7 +279,10 @@ def run_track(
     place (:class:`AdapterSwap`) and taken out again at the end. In ``out_dir``, answers of the
     same settings are always kept (a point's answers are keyed by its folder and weights hash);
     other settings are refused unless ``force``, which then starts afresh. ``on_progress(done, total,
-    point)`` after each batch; ``on_point(summary)`` when a point is complete.
+    point)`` after each batch; ``on_point(summary)`` when a point is complete. ``controls``: K
+    random control directions per layer (:func:`draw_controls`), measured like the directions;
+    each direction's rho then comes with the controls' band. Answers kept from an earlier call
+    that lack a direction's activation (one added since) get it measured, without generating.
     """
     if samples < 1:
         raise SteerkitError(f"--samples must be at least 1, got {samples}")
@@ -236,7 +300,10 @@ def run_track(
     name = model_name if model_name is not None else getattr(model, "name", None)
     if name is None:
         raise SteerkitError("run_track needs model_name when model is a loader")
-    config = track_config(name, directions, questions, samples, sampling, judge)
+    config = track_config(name, directions, questions, samples, sampling, judge, controls)
+    ctrl_dirs, by_dir = draw_controls(directions, controls)
+    measure = [*directions, *ctrl_dirs]
+    all_names = [d.name for d in measure]
     out = Path(out_dir).expanduser() if out_dir is not None else None
     old = _prepare_out(out, config, force) if out is not None else []
 
@@ -254,6 +321,8 @@ def run_track(
             stale += 1
     records = list(kept.values())
     resumed = len(records)
+    refill = {p.key: [r for r in records if (r["checkpoint"], r["sha256"]) == p.key
+                      and any(n not in (r.get("activation") or {}) for n in all_names)] for p in points}
     todo = {p.key: [(qi, k) for qi, k in cells if (p.key[0], p.key[1], questions[qi].id, k) not in kept] for p in points}
     total = len(points) * len(cells)
     done = resumed
@@ -264,23 +333,49 @@ def run_track(
     def point_done(p: TrackPoint, write: bool = True) -> None:
         recs = [r for r in records if (r["checkpoint"], r["sha256"]) == p.key]
         if out is not None and write:
-            _write_points(out, records, names, config.get("judge_error"), order)
+            _write_points(out, records, all_names, config.get("judge_error"), order, by_dir)
         if on_point is not None and recs:
             on_point(summarize_point(recs, names, config.get("judge_error")))
 
-    if not any(todo.values()):  # all resumed: no model load, points.jsonl written once
+    def measure_chats(lm: LoadedModel, comps_chats: Sequence[Messages], which: Sequence[Direction]) -> list[dict[str, Any]]:
+        got = chat_activations_many(lm, which, comps_chats, batch_size=len(comps_chats), scorers=scorers, allow_other_model=True)
+        acts: list[dict[str, Any]] = [{} for _ in comps_chats]
+        for d in which:
+            for a, x in zip(acts, got[d.name]):
+                a[d.name] = {"answer_mean": float_or_none(x.answer_mean), "prompt_mean": float_or_none(x.prompt_mean)}
+        return acts
+
+    scorers: dict[str, Any] = {}
+    by_qid = {q.id: q for q in questions}
+    if not any(todo.values()) and not any(refill.values()):  # all resumed: no model load, points.jsonl written once
         for p in points:
             point_done(p, write=False)
         if out is not None:
-            _write_points(out, records, names, config.get("judge_error"), order)
+            _write_points(out, records, all_names, config.get("judge_error"), order, by_dir)
     else:
         lm = model() if callable(model) and not hasattr(model, "hf_model") else model
-        for d in directions:
+        for d in measure:
             check_compatible(d, lm, allow_other_model)
-        scorers = {d.name: direction_scorer(d, lm.device) for d in directions}
-        fh = open(out / ANSWERS, "a", encoding="utf-8") if out is not None else None
-        try:
-            with AdapterSwap(lm) as swap:
+        scorers.update({d.name: direction_scorer(d, lm.device) for d in measure})
+        with AdapterSwap(lm) as swap:
+            if any(refill.values()):  # answers kept from an earlier call that lack a direction added since
+                for p in points:
+                    recs = refill[p.key]
+                    if not recs:
+                        continue
+                    swap.apply(p.path, {"path": str(p.path), "sha256": p.sha256})
+                    for start in range(0, len(recs), batch_size):
+                        chunk = recs[start : start + batch_size]
+                        which = [d for d in measure if any(d.name not in (r.get("activation") or {}) for r in chunk)]
+                        chats = [list(by_qid[r["question_id"]].messages) + [{"role": "assistant", "content": r["completion"]}] for r in chunk]
+                        for r, a in zip(chunk, measure_chats(lm, chats, which)):
+                            r["activation"] = {**(r.get("activation") or {}), **{k: v for k, v in a.items() if k not in (r.get("activation") or {})}}
+                    if on_progress is not None:
+                        on_progress(done, total, p)
+                if out is not None:
+                    atomic_write_text(out / ANSWERS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), force=True)
+            fh = open(out / ANSWERS, "a", encoding="utf-8") if out is not None else None
+            try:
                 for p in points:
                     cells_p = todo[p.key]
                     if cells_p:
@@ -291,11 +386,7 @@ def run_track(
                         comps = generate(lm, rows, sampling, batch_size=len(rows), on_token=on_token)
                         scores = score_all(judge, [(questions[c.row.prompt_index].question, c.text) for c in comps])
                         chats = [list(questions[c.row.prompt_index].messages) + [{"role": "assistant", "content": c.text}] for c in comps]
-                        acts: list[dict[str, Any]] = [{} for _ in comps]
-                        for d in directions:
-                            ca = chat_activations(lm, d, chats, batch_size=len(chats), scorer=scorers[d.name], allow_other_model=True)
-                            for a, x in zip(acts, ca):
-                                a[d.name] = {"answer_mean": float_or_none(x.answer_mean), "prompt_mean": float_or_none(x.prompt_mean)}
+                        acts = measure_chats(lm, chats, measure)
                         for c, sc, a in zip(comps, scores, acts):
                             qi = c.row.prompt_index
                             rec = _answer_record(p, name, qi, questions[qi], c, sc, a, judge)
@@ -307,20 +398,20 @@ def run_track(
                         if on_progress is not None:
                             on_progress(done, total, p)
                     point_done(p)
-        finally:
-            if fh is not None:
-                fh.close()
+            finally:
+                if fh is not None:
+                    fh.close()
     rank = {k: i for i, k in enumerate(order)}
     cell_rank = {(q.id, k): i for i, (q, k) in enumerate((questions[qi], k) for qi, k in cells)}
     records.sort(key=lambda r: (rank[(r["checkpoint"], r["sha256"])], cell_rank[(r["question_id"], int(r["sample"]))]))
-    pts, corr, lead = summarize(records, names, config.get("judge_error"), order)
+    pts, corr, lead = summarize(records, all_names, config.get("judge_error"), order, by_dir)
     return TrackResult(config, records, pts, corr, lead, out, len(records) - resumed, resumed, stale)
 
 
 def _write_points(out: Path, records: Sequence[dict[str, Any]], names: Sequence[str], judge_error: dict[str, Any] | None,
-                  order: Sequence[tuple[str, str]]) -> None:
+                  order: Sequence[tuple[str, str]], controls: dict[str, list[str]] | None = None) -> None:
     """points.jsonl: one line per point done so far, then the summary line (rewritten atomically)."""
-    pts, corr, lead = summarize(records, names, judge_error, order)
+    pts, corr, lead = summarize(records, names, judge_error, order, controls)
     lines = [json.dumps(p.to_json(), ensure_ascii=False) for p in pts]
     lines.append(json.dumps(jsonable({"summary": True, "points": len(pts), "correlations": [asdict(c) for c in corr],
                                     "leads": [asdict(x) for x in lead]}), ensure_ascii=False))
@@ -344,12 +435,13 @@ def load_track(out_dir: str | os.PathLike) -> TrackResult:
     for r in records:  # a checkpoint retrained in place: its newest weights' answers only
         latest[r["checkpoint"]] = r["sha256"]
     records = [r for r in records if latest[r["checkpoint"]] == r["sha256"]]
-    names = [x["name"] for x in config.get("directions", [])]
-    pts, corr, lead = summarize(records, names, config.get("judge_error"))
+    names = list(_measured(config))
+    by_dir = (config.get("controls") or {}).get("by_direction") or {}
+    pts, corr, lead = summarize(records, names, config.get("judge_error"), None, by_dir)
     return TrackResult(config, records, pts, corr, lead, d, 0, len(records))
 
 
 __all__ = [
-    "ANSWERS", "CONFIG", "PLOT_PNG", "POINTS", "TrackResult", "check_out", "direction_config", "load_track", "read_answers",
+    "ANSWERS", "CONFIG", "MEASURED", "PLOT_PNG", "POINTS", "TrackResult", "check_out", "direction_config", "draw_controls", "load_track", "read_answers",
     "run_track", "track_config",
 ]

@@ -5,7 +5,8 @@ the judge-corrected rate (Rogan-Gladen, from the judge's error rates), the incoh
 each direction's activation: mean, standard deviation and standard error over the answers,
 and the mean over their prompts. :func:`summarize` groups records by checkpoint and adds,
 across checkpoints, Spearman's rho between a direction's activation and the misaligned rate
-(:class:`Correlation`), and per run whether the activation moves before the misaligned rate
+(:class:`Correlation`), with the band of the same rho over random control directions of the
+same layer when the track has them (:func:`steerkit.stats.control_band`), and per run whether the activation moves before the misaligned rate
 does (:func:`leads`).
 """
 
@@ -13,11 +14,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from steerkit.stats import rogan_gladen, spearman, wilson
+from steerkit.stats import control_band, rogan_gladen, spearman, wilson
 
 LEAD_SE = 2.0  # the activation "moves" when it exceeds step 0's by more than this many standard errors
 
@@ -163,12 +164,20 @@ class Correlation:
     points: int  # points with both a rate and an activation
     rho: float  # Spearman rho(answer activation, misaligned rate) across all points
     rho_prompt: float  # the same with the prompt activation
+    control: bool = False  # a random control direction (track --control random:K)
+    controls: int = 0  # random controls on this direction's layer (0: none measured)
+    control_low: float = math.nan  # their rho's central 95%: 2.5% quantile
+    control_high: float = math.nan  # 97.5% quantile
+    control_p: float = math.nan  # share of controls whose |rho| >= this |rho| ((1 + k) / (1 + K))
 
 
 def summarize(records: Sequence[dict[str, Any]], directions: Sequence[str], judge_error: dict[str, Any] | None = None,
-              order: Sequence[tuple[str, str]] | None = None) -> tuple[list[PointSummary], list[Correlation], list[Lead]]:
+              order: Sequence[tuple[str, str]] | None = None,
+              controls: Mapping[str, Sequence[str]] | None = None) -> tuple[list[PointSummary], list[Correlation], list[Lead]]:
     """Per point (records grouped by checkpoint and weights hash, in ``order`` when given, else
-    by run and step), across points per direction, and per run and direction."""
+    by run and step), across points per direction, and per run and direction. ``controls`` maps
+    a direction to the random control directions it is compared with (their names are among
+    ``directions``; they get a Correlation marked ``control`` and no leads)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[(r["checkpoint"], r["sha256"])].append(r)
@@ -188,10 +197,20 @@ def summarize(records: Sequence[dict[str, Any]], directions: Sequence[str], judg
         pp = [(b, r) for _, b, r in pts if not math.isnan(b)]
         rho_p = spearman([b for b, _ in pp], [r for _, r in pp]) if len(pp) >= 3 else math.nan
         corr.append(Correlation(name, len(pts), rho, rho_p))
+    controls = controls or {}
+    is_control = {c for cs in controls.values() for c in cs}
+    by_name = {c.direction: c for c in corr}
+    for i, c in enumerate(corr):
+        if c.direction in is_control:
+            corr[i] = replace(c, control=True)
+        elif controls.get(c.direction):
+            cs = [by_name[x].rho for x in controls[c.direction] if x in by_name]
+            lo, hi, p = control_band(c.rho, cs)
+            corr[i] = replace(c, controls=len(cs), control_low=lo, control_high=hi, control_p=p)
     by_run: dict[str, list[PointSummary]] = {}
     for p in points:
         by_run.setdefault(p.run, []).append(p)
-    lead = [leads(ps, name) for ps in by_run.values() for name in directions]
+    lead = [leads(ps, name) for ps in by_run.values() for name in directions if name not in is_control]
     return points, corr, lead
 
 

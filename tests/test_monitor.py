@@ -14,12 +14,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from steerkit.audit import audit, label_of, positive_labels, rank
 from steerkit.cli import app
 from steerkit.directions import Direction, from_vector, save_direction
 from steerkit.errors import SteerkitError
 from steerkit.generate import Sampling, chat_tokens
-from steerkit.audit import audit, label_of, positive_labels, rank
-from steerkit.monitor import chat_activations, chat_split, direction_scorer, read_lines, record_chat, separation
+from steerkit.monitor import (
+    chat_activations,
+    chat_activations_many,
+    chat_split,
+    direction_scorer,
+    read_lines,
+    record_chat,
+    separation,
+)
 from steerkit.sae import latent_direction, new_sae, save_sae
 
 runner = CliRunner()
@@ -119,6 +127,28 @@ def test_left_padding_does_not_change_values(tiny):
     for a, b in zip(batched, alone):
         assert a.token_ids == b.token_ids and a.answer_start == b.answer_start
         assert torch.allclose(torch.tensor(a.values[1:]), torch.tensor(b.values[1:]), atol=1e-5)
+
+
+def test_many_directions_in_one_pass_equal_each_alone(tiny, monkeypatch):
+    import steerkit.monitor as Mon
+
+    ds = [vec_direction(tiny, layer=1, seed=0, name="a"), vec_direction(tiny, layer=0, seed=1, name="b"),
+          vec_direction(tiny, layer=1, seed=2, name="c", median_norm=1.0)]
+    passes = []
+    real = Mon.residuals
+    monkeypatch.setattr(Mon, "residuals", lambda model, ids, layer, am: passes.append(layer) or real(model, ids, layer, am))
+    many = chat_activations_many(tiny, ds, CHATS, batch_size=2)
+    assert sorted(passes) == [0, 0, 1, 1]  # 2 batches x 2 layers: a and c share their layer's pass
+    passes.clear()
+    for d in ds:
+        alone = chat_activations(tiny, d, CHATS, batch_size=3)
+        assert len(many[d.name]) == len(alone) == len(CHATS)
+        for a, b in zip(many[d.name], alone):
+            assert a.token_ids == b.token_ids and a.answer_start == b.answer_start and a.tokens == b.tokens
+            assert torch.allclose(torch.tensor(a.values[1:]), torch.tensor(b.values[1:]), atol=1e-5)
+    assert len(passes) == 6  # alone: one pass per direction and batch
+    with pytest.raises(SteerkitError, match="distinct names"):
+        chat_activations_many(tiny, [ds[0], ds[0]], CHATS)
 
 
 # --- the answer's boundary and the means ------------------------------------------------------------

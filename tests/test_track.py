@@ -23,7 +23,7 @@ from steerkit.finetune import load_tuned, save_adapter, tuned_info
 from steerkit.generate import Row, Sampling, generate
 from steerkit.lora import AdapterSwap, plain_name
 from steerkit.prompts import from_texts
-from steerkit.stats import spearman, wilson
+from steerkit.stats import control_band, quantile, spearman, wilson
 from steerkit.testing import tiny_hf_model, tiny_tokenizer
 from steerkit.track_points import find_all_points, find_points
 from steerkit.track_stats import summarize, summarize_point
@@ -351,6 +351,58 @@ def test_a_retrained_checkpoint_is_regenerated_alone(base_dir, base_model, plant
     assert len(res.points) == 2 and T.load_track(out).points[1].sha256 == res.points[1].sha256
 
 
+def test_a_direction_added_later_is_measured_on_the_kept_answers(run_dir, base_model, planted, tmp_path, monkeypatch):
+    """A rerun with another direction (and random controls) measures them on the kept answers,
+    on each checkpoint's model, without generating; the values equal a fresh run's; a direction
+    whose file changed under the same name is measured again, not read from the old values."""
+    _, d = planted
+    pts = find_points(run_dir)
+    out = tmp_path / "track"
+    gen = Counter(T.generate)
+    monkeypatch.setattr(T, "generate", gen)
+    first = T.run_track(pts, [d], QUESTIONS, base_model, 2, SAMPLING, KeywordJudge(), out, model_name="tiny-llama", batch_size=4)
+    assert gen.rows == 12
+    g = torch.Generator().manual_seed(5)
+    other = Direction(name="other", vector=torch.randn(base_model.d_model, generator=g), model="tiny-llama", layer=1,
+                      hook_name="blocks.1.hook_out", kind="vector", median_norm=0.7)
+    more = T.run_track(pts, [d, other], QUESTIONS, base_model, 2, SAMPLING, KeywordJudge(), out, model_name="tiny-llama", batch_size=4, controls=3)
+    assert gen.rows == 12 and (more.resumed, more.generated) == (12, 0)  # nothing generated
+    names = {"planted", "other", "random-L0-1", "random-L0-2", "random-L0-3", "random-L1-1", "random-L1-2", "random-L1-3"}
+    assert all(set(r["activation"]) == names for r in more.records)
+    assert [r["completion"] for r in more.records] == [r["completion"] for r in first.records]
+    fresh = T.run_track(pts, [d, other], QUESTIONS, base_model, 2, SAMPLING, KeywordJudge(), batch_size=12, controls=3)
+    assert gen.rows == 24 and [r["completion"] for r in fresh.records] == [r["completion"] for r in more.records]
+    for a, b in zip(fresh.records, more.records):
+        for n in names:
+            assert a["activation"][n]["answer_mean"] == pytest.approx(b["activation"][n]["answer_mean"], abs=1e-5)
+    on_disk = T.load_track(out)  # written back: a later load sees them, with the controls' band
+    assert all(set(r["activation"]) == names for r in on_disk.records)
+    c = {x.direction: x for x in on_disk.correlations}
+    assert c["random-L1-2"].control and not c["other"].control and c["other"].controls == 3
+    # the same name, another vector: measured again
+    flipped = Direction(name="other", vector=-other.vector, model="tiny-llama", layer=1, hook_name="blocks.1.hook_out", kind="vector", median_norm=0.7)
+    again = T.run_track(pts, [d, flipped], QUESTIONS, base_model, 2, SAMPLING, KeywordJudge(), out, model_name="tiny-llama", batch_size=4, controls=3)
+    assert gen.rows == 24
+    for a, b in zip(again.records, more.records):
+        assert a["activation"]["other"]["answer_mean"] == pytest.approx(-b["activation"]["other"]["answer_mean"], abs=1e-5)
+        assert a["activation"]["random-L0-1"] == b["activation"]["random-L0-1"]  # drawn from `planted`: kept as they were
+    # layer 1's controls are drawn from its first direction, which changed: new draws, measured anew
+    assert any(a["activation"]["random-L1-1"] != b["activation"]["random-L1-1"] for a, b in zip(again.records, more.records))
+
+
+def test_controls_are_drawn_per_layer_and_named():
+    dirs = [Direction(name=n, vector=torch.randn(8), model="m", layer=L, hook_name=f"blocks.{L}.hook_out", kind="vector", median_norm=1.0)
+            for n, L in (("x", 3), ("y", 5), ("z", 3))]
+    ctrls, by = T.draw_controls(dirs, 2)
+    assert [c.name for c in ctrls] == ["random-L3-1", "random-L3-2", "random-L5-1", "random-L5-2"]
+    assert by == {"x": ["random-L3-1", "random-L3-2"], "y": ["random-L5-1", "random-L5-2"], "z": ["random-L3-1", "random-L3-2"]}
+    assert [c.layer for c in ctrls] == [3, 3, 5, 5] and not torch.allclose(ctrls[0].vector, ctrls[1].vector)
+    assert T.draw_controls(dirs, 0) == ([], {})
+    clash = dirs + [Direction(name="random-L5-1", vector=torch.randn(8), model="m", layer=5, hook_name="blocks.5.hook_out", kind="vector", median_norm=1.0)]
+    with pytest.raises(SteerkitError, match="named like a control"):
+        T.draw_controls(clash, 2)
+
+
 # --- statistics -------------------------------------------------------------------------------------
 
 
@@ -388,6 +440,38 @@ def test_summary_and_leads_by_hand():
     # no step 0: no lead
     later = summarize([r for r in recs if r["step"] != 0], ["p"])[2][0]
     assert (later.activation_step, later.misalignment_step, later.first) == (None, None, None)
+
+
+def test_control_band_by_hand():
+    assert quantile([4.0, 1.0, 3.0, 2.0], 0.5) == pytest.approx(2.5)
+    assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.025) == pytest.approx(1.1)  # 0.1 of the way from 1 to 2
+    ctrl = [0.1, -0.2, 0.95, -0.6, 0.3, float("nan")]
+    lo, hi, p = control_band(0.9, ctrl)
+    assert p == pytest.approx((1 + 1) / (1 + 5))  # one control (0.95) at least as extreme; nan left out
+    assert (lo, hi) == pytest.approx((quantile(ctrl[:5], 0.025), quantile(ctrl[:5], 0.975)))
+    assert control_band(-0.65, ctrl)[2] == pytest.approx((1 + 1) / 6)  # |rho| counts: 0.95 only
+    assert all(math.isnan(x) for x in control_band(0.5, []))
+
+
+def test_summary_compares_each_direction_with_its_controls():
+    acts = {0: 0.0, 1: 0.1, 2: 0.5, 3: 0.7}
+    rates = {0: 0, 1: 1, 2: 2, 3: 4}
+    ctrl = {"c1": [0.3, 0.1, 0.2, 0.0], "c2": [0.0, 0.2, 0.1, 0.3]}
+    recs = []
+    for s in range(4):
+        for i in range(4):
+            r = _rec(s, i, acts[s], i < rates[s])
+            r["activation"].update({n: {"answer_mean": v[s], "prompt_mean": v[s]} for n, v in ctrl.items()})
+            recs.append(r)
+    _, corr, lead = summarize(recs, ["p", "c1", "c2"], controls={"p": ["c1", "c2"]})
+    c = {x.direction: x for x in corr}
+    rho_c = [spearman(ctrl[n], [rates[s] / 4 for s in range(4)]) for n in ("c1", "c2")]
+    assert c["p"].rho == pytest.approx(1.0) and c["p"].controls == 2 and not c["p"].control
+    assert (c["p"].control_low, c["p"].control_high, c["p"].control_p) == pytest.approx(control_band(1.0, rho_c))
+    assert c["c1"].control and c["c2"].control and c["c1"].rho == pytest.approx(rho_c[0])
+    assert {x.direction for x in lead} == {"p"}  # no leads for controls
+    plain = summarize(recs, ["p"])[1][0]
+    assert plain.controls == 0 and math.isnan(plain.control_p)
 
 
 def test_corrected_rate_uses_the_judges_error():
@@ -498,6 +582,29 @@ def test_cli_errors(cli_files, run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(M, "load_model", loaded)
     one_line_error(runner.invoke(app, [a if a != "4" else "5" for a in base] + ["--direction", str(dfile), "--out", str(out)]),
                    "other settings (sampling.max_new_tokens)")
+
+
+def test_cli_controls(cli_files, run_dir, tmp_path, monkeypatch):
+    _, dfile, _, q, _ = cli_files
+    base = ["track", str(run_dir), "--questions", str(q), "--judge", "none", "--samples", "1", "--max-new-tokens", "4", "--direction", str(dfile)]
+    one_line_error(runner.invoke(app, base + ["--control", "latents:2"]), "random directions only")
+    one_line_error(runner.invoke(app, base + ["--control", "bogus"]), "--control")
+    import steerkit.judge as J
+
+    monkeypatch.setattr(J, "load_judge", lambda kind="auto", **kw: KeywordJudge())
+    out = tmp_path / "tc"
+    r = runner.invoke(app, [a if a != "none" else "auto" for a in base] + ["--control", "random:4", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.splitlines()[-1])
+    corr = {c["direction"]: c for c in summary["correlations"]}
+    assert sorted(corr) == ["planted", "random-L0-1", "random-L0-2", "random-L0-3", "random-L0-4"]
+    assert corr["planted"]["controls"] == 4 and all(corr[f"random-L0-{i}"]["control"] for i in range(1, 5))
+    assert json.loads((out / T.CONFIG).read_text())["controls"]["random"] == 4
+    monkeypatch.setattr("steerkit.cli.track.want_json", lambda flag: flag)
+    t = runner.invoke(app, [a if a != "none" else "auto" for a in base] + ["--control", "random:4", "--out", str(out)])
+    assert t.exit_code == 0, t.output
+    flat = " ".join(t.stdout.split())
+    assert "4 random controls" in flat and "random-L0-1 answer" not in flat
 
 
 def test_cli_help_has_an_example():

@@ -47,6 +47,7 @@ def track_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Answers per forward pass.")] = 32,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for answers.jsonl, track.json, points.jsonl, track.png; a rerun resumes (only missing answers are generated).", show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also write the plot here (PNG).", show_default=False)] = None,
+    control: Annotated[str, typer.Option("--control", help="Random control directions measured on the same answers: random:K draws per layer (same layer and strength unit as the first direction on it), or none. Each direction's rho is then shown beside the controls' 95% band and the share of controls that track at least as well.")] = "none",
     force: Annotated[bool, typer.Option("--force", help="Overwrite --plot, and start afresh in an --out folder that holds a track with other settings (the same settings always resume).")] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
@@ -66,6 +67,8 @@ def track_cmd(
       steerkit track runs/mix25/ --direction persona --out runs/track-mix25/ --json
 
       steerkit track runs/mix*/ --direction persona --samples 8 --out runs/track/ --plot track.png
+
+      steerkit track runs/mix*/ -d persona -d evil-dom --control random:32 --out runs/track/   # add a direction or controls later: only activations are measured
     """
     from steerkit import track as T
     from steerkit.directions import find_direction, load_direction
@@ -79,6 +82,11 @@ def track_cmd(
         raise SteerkitError(f"--samples must be at least 1, got {samples}")
     check_batch_size(batch_size)
     check_kind(judge)
+    from steerkit.controls import parse_controls
+
+    ctrl = parse_controls(control)
+    if ctrl.latents:
+        raise SteerkitError(f"--control {control}: track compares with random directions only (random:K); matched latents are for sweeps")
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if out_dir is not None and out_dir.suffix.lower() in (".png", ".svg", ".pdf"):
         raise SteerkitError(f"--out {out_dir} looks like a plot file: --out takes a folder for the answers; give the plot with --plot {out_dir}")
@@ -103,9 +111,9 @@ def track_cmd(
         raise SteerkitError(f"--direction names one direction twice ({', '.join(direction)}): give each once")
     prompts = eval_questions(questions, ids, all_variants)
     if out_dir is not None:  # other settings than the judge's: refused before it loads
-        T.check_out(out_dir, T.track_config(info.name, dirs, prompts, samples, sampling, None), force, ignore=("judge", "judge_error"))
+        T.check_out(out_dir, T.track_config(info.name, dirs, prompts, samples, sampling, None, ctrl.random), force, ignore=("judge", "judge_error"))
     judge_obj = load_judge_kind(judge, questions)
-    config = T.track_config(info.name, dirs, prompts, samples, sampling, judge_obj)
+    config = T.track_config(info.name, dirs, prompts, samples, sampling, judge_obj, ctrl.random)
     if out_dir is not None:
         T.check_out(out_dir, config, force)  # other settings: refused before the model loads
     else:
@@ -119,7 +127,7 @@ def track_cmd(
         with err.status(f"loading {base}..."):
             return load_model(base, device=device, dtype=dtype)
 
-    result = _run(T, points, dirs, prompts, load, info.name, samples, sampling, judge_obj, out_dir, batch_size, force, any_model)
+    result = _run(T, points, dirs, prompts, load, info.name, samples, sampling, judge_obj, out_dir, batch_size, force, any_model, ctrl.random)
     _render(result, json_out, plot, [d.name for d in dirs])
 
 
@@ -127,7 +135,7 @@ def track_cmd(
 
 
 def _run(T: Any, points: Any, dirs: Any, prompts: Any, load: Any, name: str, samples: int, sampling: Any, judge: Any,
-         out_dir: Optional[Path], batch_size: int, force: bool, any_model: bool) -> Any:
+         out_dir: Optional[Path], batch_size: int, force: bool, any_model: bool, controls: int = 0) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from steerkit.generate import Throughput
@@ -151,7 +159,8 @@ def _run(T: Any, points: Any, dirs: Any, prompts: Any, load: Any, name: str, sam
 
     try:
         result = T.run_track(points, dirs, prompts, load, samples, sampling, judge, out_dir, model_name=name, batch_size=batch_size,
-                             force=force, allow_other_model=any_model, on_progress=on_progress, on_token=on_token)
+                             force=force, allow_other_model=any_model, on_progress=on_progress, on_token=on_token,
+                             controls=controls)
     finally:
         prog.stop()
     if result.resumed:
@@ -230,9 +239,15 @@ def _print_table(result: Any, names: list[str]) -> None:
         t.add_row(*[Text(c) for c in row])
     out.print(t)
     for c in result.correlations:
+        if c.control:
+            continue
         rho = "n/a (fewer than 3 judged checkpoints)" if math.isnan(c.rho) else f"{c.rho:+.2f}"
+        band = ""
+        if c.controls:
+            band = (f"; {c.controls} random controls: 95% of their rho in [{c.control_low:+.2f}, {c.control_high:+.2f}], "
+                    f"{c.control_p:.0%} track at least as strongly") if not math.isnan(c.control_p) else f"; {c.controls} random controls: rho n/a"
         out.print(Text(f"{c.direction}: Spearman rho(answer activation, misaligned rate) over {c.points} checkpoints {rho}"
-                       + ("" if math.isnan(c.rho_prompt) else f"; prompt activation {c.rho_prompt:+.2f}")))
+                       + ("" if math.isnan(c.rho_prompt) else f"; prompt activation {c.rho_prompt:+.2f}") + band))
     for x in result.leads:
         run = Path(x.run).name
         if x.first is None and x.activation_step is None and x.misalignment_step is None:
