@@ -46,15 +46,7 @@ from steerkit.models import LoadedModel
 from steerkit.monitor import chat_activations_many, direction_scorer
 from steerkit.prompts import Prompt
 from steerkit.track_points import TrackPoint
-from steerkit.track_stats import (
-    Correlation,
-    Lead,
-    PointSummary,
-    float_or_none,
-    jsonable,
-    summarize,
-    summarize_point,
-)
+from steerkit.track_stats import Correlation, Lead, PointSummary, float_or_none, jsonable, summarize, summarize_point
 
 ANSWERS = "answers.jsonl"
 CONFIG = "track.json"
