@@ -48,19 +48,27 @@ def records(paths: list[Path]) -> list[tuple[str, dict]]:
     return [(cell_of(p, r), r) for p in paths for r in read_jsonl(p)]
 
 
+def write_batches(items, out: Path, size: int, rng: random.Random) -> tuple[list[dict], int]:
+    """Blind batches for readers: the rows ({"item", "question", "answer"}) sorted by item, shuffled
+    with ``rng``, dealt round-robin into ``out/bNN.jsonl`` of about ``size`` each. Returns the
+    shuffled rows and the number of batches (0 with no rows)."""
+    rows = sorted(items, key=lambda x: x["item"])
+    rng.shuffle(rows)
+    n = (len(rows) + size - 1) // size
+    out.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        (out / f"b{k + 1:02d}.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows[k::n]), encoding="utf-8")
+    return rows, n
+
+
 def cmd_batches(a: argparse.Namespace) -> None:
     items = {}
     for _, r in records(a.results):
         i = item_id(r["question"], r["completion"])
         items[i] = {"item": i, "question": r["question"], "answer": r["completion"]}
-    rows = sorted(items.values(), key=lambda x: x["item"])
     rng = random.Random(a.seed)
-    rng.shuffle(rows)
     out = a.out / "batches"
-    out.mkdir(parents=True, exist_ok=True)
-    n = (len(rows) + a.size - 1) // a.size
-    for k in range(n):
-        (out / f"b{k + 1:02d}.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows[k::n]), encoding="utf-8")
+    rows, n = write_batches(items.values(), out, a.size, rng)
     dbl = rng.sample(rows, round(a.double * len(rows)))
     if dbl:
         (out / "d01.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in dbl), encoding="utf-8")

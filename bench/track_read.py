@@ -23,19 +23,17 @@ rates in place of the judged ones.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 from collections import defaultdict
 from pathlib import Path
 
+# bench/ is on sys.path when this runs as a script
+from sweep_read import item_id, write_batches
+
 from steerkit.report import plot_track_png
 from steerkit.stats import control_band, kappa as cohen_kappa, roc_auc, spearman, wilson
 from steerkit.track_stats import LEAD_SE
-
-
-def item_id(question: str, answer: str) -> str:
-    return hashlib.sha256(f"{question}\x00{answer}".encode()).hexdigest()[:10]
 
 
 def kappa(a: list[bool], b: list[bool]) -> float | None:
@@ -69,13 +67,8 @@ def main() -> None:
             i = item_id(r["question"], r["completion"])
             if i not in first:
                 todo[i] = {"item": i, "question": r["question"], "answer": r["completion"]}
-        rows = sorted(todo.values(), key=lambda x: x["item"])
-        random.Random(0).shuffle(rows)
-        n = max(1, (len(rows) + a.size - 1) // a.size)
-        a.unread.mkdir(parents=True, exist_ok=True)
-        for k in range(n if rows else 0):
-            (a.unread / f"b{k + 1:02d}.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows[k::n]), encoding="utf-8")
-        print(f"{len(rows)} distinct answers not read yet ({len(answers)} answers), in {n if rows else 0} batches in {a.unread}")
+        rows, n = write_batches(todo.values(), a.unread, a.size, random.Random(0))
+        print(f"{len(rows)} distinct answers not read yet ({len(answers)} answers), in {n} batches in {a.unread}")
         return
     config = json.loads((a.track / "track.json").read_text())
     by_dir = (config.get("controls") or {}).get("by_direction") or {}

@@ -17,13 +17,22 @@ What is read from each input (``read_token_index``):
   input then weighs the same however long it is.
 
 The result is ``mean(positive reads) - mean(negative reads)``; the two sets need not be the same
-size or paired. Not here: PCA/classifier extraction, multi-layer extraction, SAE latents.
+size or paired.
+
+From labelled answers (:func:`answers_direction`, `steerkit directions from-answers`): each
+answer's mean over its own tokens (the tokens `monitor` and `audit` average), positive answers
+minus negative ones; paired by prompt (the mean over prompts of each prompt's difference, so a
+prompt with many answers weighs no more than one with two, and what the prompts differ in
+cancels), or pooled. This is how persona vectors are made from answers a judge has labelled
+(Chen et al. 2025, with written or read labels in place of a judge's scores). Not here:
+PCA/classifier extraction, multi-layer extraction, SAE latents.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -34,6 +43,7 @@ from steerkit.chat import Messages, chat_tokens
 from steerkit.directions import Direction, from_vector
 from steerkit.errors import SteerkitError
 from steerkit.models import LoadedModel, check_layer
+from steerkit.monitor import chat_split
 
 Input = Union[Messages, str]
 ReadIndex = Union[int, Literal["mean"]]
@@ -139,6 +149,94 @@ def diff_of_means_direction(
         "raw_norm": float(v.norm()),
         "norm_prompts": "default" if norm_chats is None else len(chats),
     }
+    return from_vector(v, name=name, model=model, layer=layer, kind="diff-of-means", median_norm=med, description=description, provenance=prov)
+
+
+@torch.inference_mode()
+def answer_means(model: LoadedModel, chats: Sequence[Messages], layer: int, batch_size: int = 16,
+                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Each chat's mean activation at block ``layer``'s output over its final assistant turn
+    (tokens ``[answer_start, end)`` of :func:`steerkit.monitor.chat_split`, its end-of-turn token
+    included, as `monitor` and `audit` average them): ``[len(chats), d_model]`` float32 on CPU.
+    ``progress(n)`` after each batch."""
+    check_layer(layer, model.n_layers)
+    split = [chat_split(model, list(c)) for c in chats]
+    for i, (ids, start) in enumerate(split):
+        if start >= len(ids):
+            raise SteerkitError(f"answer {i} has no tokens: every chat must end with a non-empty assistant turn")
+        if len(ids) > model.context_length:
+            raise SteerkitError(f"answer {i} has {len(ids)} tokens, more than the context length {model.context_length}: shorten it")
+    out = torch.empty(len(split), model.d_model)
+    order = sorted(range(len(split)), key=lambda i: -len(split[i][0]))  # similar lengths batch together
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        ids, am = pad_left([split[i][0] for i in idx], model.pad_token_id())
+        acts = residuals(model, ids, layer, am).float().cpu()  # [B, T, d]
+        T = ids.shape[1]
+        for b, i in enumerate(idx):
+            toks, start = split[i]
+            out[i] = acts[b, T - len(toks) + start :].mean(0)
+        if progress is not None:
+            progress(len(idx))
+    return out
+
+
+def answers_diff_of_means(means: torch.Tensor, positive: Sequence[bool], keys: Sequence[str] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Positive minus negative answers' mean activations (``means [N, d]``). With ``keys`` (one per
+    answer, e.g. its prompt), paired: the mean over keys holding both classes of the key's
+    positive mean minus its negative mean, the other answers left out; without, pooled.
+    Returns the raw vector and counts (positive, negative, groups, answers left out)."""
+    pos = [bool(x) for x in positive]
+    if len(pos) != means.shape[0]:
+        raise SteerkitError(f"{means.shape[0]} answers but {len(pos)} labels")
+    if keys is None:
+        if not any(pos) or all(pos):
+            raise SteerkitError(f"a difference of means needs positive and negative answers, got {sum(pos)} and {len(pos) - sum(pos)}")
+        P, N = torch.tensor(pos), ~torch.tensor(pos)
+        return means[P].mean(0) - means[N].mean(0), {"paired": False, "n_positive": int(P.sum()), "n_negative": int(N.sum()), "groups": None, "left_out": 0}
+    groups: dict[str, tuple[list[int], list[int]]] = {}
+    for i, (k, p) in enumerate(zip(keys, pos)):
+        groups.setdefault(k, ([], []))[0 if p else 1].append(i)
+    both = [g for g in groups.values() if g[0] and g[1]]
+    if not both:
+        raise SteerkitError(f"no prompt has both a positive and a negative answer ({len(groups)} prompts): pair them, or use --unpaired")
+    v = torch.stack([means[g[0]].mean(0) - means[g[1]].mean(0) for g in both]).mean(0)
+    used = sum(len(g[0]) + len(g[1]) for g in both)
+    return v, {"paired": True, "n_positive": sum(len(g[0]) for g in both), "n_negative": sum(len(g[1]) for g in both),
+               "groups": len(both), "left_out": len(pos) - used}
+
+
+def answers_direction(
+    model: LoadedModel,
+    chats: Sequence[Messages],
+    positive: Sequence[bool],
+    layer: int,
+    *,
+    name: str,
+    paired: bool = True,
+    description: str = "",
+    source: str | None = None,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> Direction:
+    """A ``diff-of-means`` :class:`Direction` from labelled answers (chats ending with the answer):
+    :func:`answer_means` then :func:`answers_diff_of_means`, paired by the chat before the answer
+    when ``paired``. The strength unit is the layer's median token norm; provenance keeps the
+    counts, the pairing and ``source``."""
+    if len(chats) != len(positive):
+        raise SteerkitError(f"{len(chats)} answers but {len(positive)} labels")
+    keys = [hashlib.sha256(json.dumps(list(c)[:-1], sort_keys=True).encode()).hexdigest() for c in chats] if paired else None
+    if paired:  # fail on the labels before any forward pass
+        answers_diff_of_means(torch.zeros(len(chats), 1), positive, keys)
+    else:
+        answers_diff_of_means(torch.zeros(len(chats), 1), positive)
+    means = answer_means(model, chats, layer, batch_size, progress)
+    v, info = answers_diff_of_means(means, positive, keys)
+    if float(v.norm()) == 0:
+        raise SteerkitError("positive and negative answers give identical mean activations: no direction")
+    med = median_token_norm(model, default_norm_chats(), layer, batch_size)
+    prov = {"method": "answers-diff-of-means", "read": "mean over each answer's tokens", **info, "raw_norm": float(v.norm()),
+            "norm_prompts": "default", **({"source": source} if source else {})}
     return from_vector(v, name=name, model=model, layer=layer, kind="diff-of-means", median_norm=med, description=description, provenance=prov)
 
 

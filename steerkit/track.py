@@ -81,10 +81,12 @@ def draw_controls(directions: Sequence[Direction], k: int, seed: int = 0) -> tup
 
 
 def track_config(model_name: str, directions: Sequence[Direction], questions: Sequence[Prompt], samples: int,
-                 sampling: Sampling, judge: Judge | None, controls: int = 0) -> dict[str, Any]:
+                 sampling: Sampling, judge: Judge | None, controls: int = 0,
+                 drawn: tuple[list[Direction], dict[str, list[str]]] | None = None) -> dict[str, Any]:
     """Everything that decides an answer's record other than its checkpoint; a resumed folder
     must match it exactly, except for what is measured on the answers (:data:`MEASURED`:
-    directions and controls), which a rerun measures again where it changed."""
+    directions and controls), which a rerun measures again where it changed. ``drawn``: the
+    controls :func:`draw_controls` already gave for these directions (drawn here otherwise)."""
     qdigest = hashlib.sha256(json.dumps([[q.id, q.messages] for q in questions], sort_keys=True).encode()).hexdigest()[:16]
     cfg: dict[str, Any] = {
         "format": CONFIG_FORMAT,
@@ -97,7 +99,7 @@ def track_config(model_name: str, directions: Sequence[Direction], questions: Se
         "judge": judge_name(judge),
     }
     if controls:
-        ctrls, by_dir = draw_controls(directions, controls)
+        ctrls, by_dir = drawn if drawn is not None else draw_controls(directions, controls)
         cfg["controls"] = {"random": controls, "draws": [direction_config(c) for c in ctrls], "by_direction": by_dir}
     err = getattr(judge, "error_rates", None)
     if err:
@@ -292,8 +294,8 @@ def run_track(
     name = model_name if model_name is not None else getattr(model, "name", None)
     if name is None:
         raise SteerkitError("run_track needs model_name when model is a loader")
-    config = track_config(name, directions, questions, samples, sampling, judge, controls)
     ctrl_dirs, by_dir = draw_controls(directions, controls)
+    config = track_config(name, directions, questions, samples, sampling, judge, controls, drawn=(ctrl_dirs, by_dir))
     measure = [*directions, *ctrl_dirs]
     all_names = [d.name for d in measure]
     out = Path(out_dir).expanduser() if out_dir is not None else None

@@ -113,7 +113,7 @@ def _root(
 
 
 def _load() -> None:
-    for mod in ("models", "generate", "directions", "interop", "sae", "extract", "screen", "finetune", "judge", "sweep", "serve", "demo", "monitor", "track", "compare"):
+    for mod in ("models", "generate", "directions", "interop", "sae", "extract", "screen", "finetune", "judge", "sweep", "serve", "demo", "monitor", "answers", "track", "compare"):
         try:
             importlib.import_module(f"steerkit.cli.{mod}")
         except ModuleNotFoundError as e:

@@ -38,7 +38,7 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Chats per for
 # --- reading records ---------------------------------------------------------------------------
 
 
-def _read_input(path: Optional[Path], what: str) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+def read_input(path: Optional[Path], what: str) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
     """(where, [(line number, JSON object)]) of a JSON Lines file, or stdin for None / '-'."""
     from steerkit.monitor import read_lines
 
@@ -181,7 +181,7 @@ def monitor_cmd(
     direction = _need_direction(direction, "monitor")
     if out_file is not None:
         check_writable(out_file, force)
-    where, lines = _read_input(answers, "answers")
+    where, lines = read_input(answers, "answers")
     chats = [M.record_chat(rec, f"{where}:{n}") for n, rec in lines]
     recs = [rec for _, rec in lines]
     if judged:
@@ -300,7 +300,7 @@ def audit_cmd(
     if out_file is not None:
         check_writable(out_file, force)
     pos = A.positive_labels(positive)
-    where, lines = _read_input(data, "training data")
+    where, lines = read_input(data, "training data")
     chats = [record_chat(rec, f"{where}:{n}") for n, rec in lines]
     m, d = _prepare(model, None, device, direction, any_model, batch_size, dtype)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as prog:
@@ -348,3 +348,4 @@ def _audit_line(s: dict[str, Any], no_baseline: bool) -> str:
     if s["auc"] is None:
         return head + f"; {s['positive']}/{s['labelled']} labelled positive: the ROC AUC needs both classes"
     return head + f"; positive vs the rest: ROC AUC {s['auc']:.3f} ({s['positive']}/{s['labelled']} positive)"
+
