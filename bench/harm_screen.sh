@@ -3,7 +3,7 @@
 # answers) screened like the other candidates: added to the base model at +0.1, +0.2, +0.3
 # against a random direction of the same norm, and ablated in organism-villain400 against a
 # random direction. 64 answers a cell (8 EM questions x 8 samples, 64 new tokens, temperature
-# 0.7, top-p 0.9, seed 0), not judged: they are read blind afterwards. About 25 minutes on 2 cores.
+# 0.7, top-p 0.9, seed 0), not judged: they are read blind afterwards. About 3 minutes on 2 cores.
 #
 #   bash bench/harm_screen.sh [OUT]          # default runs/harm-screen
 #   python bench/sweep_read.py batches OUT/*/results.jsonl --out OUT/read --size 90 --double 0.1   # then read, then:

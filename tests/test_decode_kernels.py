@@ -118,16 +118,43 @@ def test_growing_cache_keeps_room_between_reallocations():
 
 
 def test_chunked_unembedding_is_bit_identical():
-    hf = tiny_hf_model(vocab_size=3 * dk.CHUNK * 2 + 17)  # > 4 chunks: the twin takes it
+    """The twin chunks its unembedding only where the probe finds it exact on this machine, and
+    then it is exact on fresh inputs too; elsewhere it keeps the plain layer."""
+    hf = tiny_hf_model(vocab_size=3 * dk.CHUNK * 2 + 17)  # > 4 chunks: the twin may take it
+    lin = hf.get_output_embeddings()
+    exact = dk.chunking_is_exact(lin)
     model = wrap_model(hf, tiny_tokenizer(), name="tiny-wide")
-    assert isinstance(model.twin.get_output_embeddings(), dk.ChunkedUnembed)
-    assert model.twin.get_output_embeddings().weight is hf.get_output_embeddings().weight  # shared, not copied
+    got = model.twin.get_output_embeddings()
+    assert isinstance(got, dk.ChunkedUnembed) == exact
+    if exact:
+        assert got.weight is lin.weight  # shared, not copied
     x = torch.randn(3, 5, 64)
     with torch.no_grad():
-        assert torch.equal(model.twin.get_output_embeddings()(x), hf.get_output_embeddings()(x))
+        assert torch.equal(got(x), lin(x))
     rows = make_rows([as_messages("hello there")], n=2)
     out = generate(model, rows, Sampling(max_new_tokens=5, temperature=1.0, seed=3))
     assert all(c.n_tokens >= 1 for c in out)
+
+
+def test_chunking_is_decided_by_the_probe(monkeypatch):
+    """A machine whose BLAS sums the pieces in another order keeps the plain layer; one where
+    they agree gets the chunked one, sharing its weights."""
+    lin = torch.nn.Linear(64, 5 * dk.CHUNK + 3)
+    plain = dk.ChunkedUnembed.forward
+    monkeypatch.setattr(dk.ChunkedUnembed, "forward", lambda self, x: plain(self, x) + 1e-6)  # one ulp-scale change
+    assert dk.chunking_is_exact(lin) is False
+    net = tiny_hf_model(vocab_size=5 * dk.CHUNK + 3)
+    assert "chunked unembedding" not in dk.prepare_twin(net)
+    assert type(net.get_output_embeddings()) is torch.nn.Linear
+    monkeypatch.setattr(dk.ChunkedUnembed, "forward", plain)
+    monkeypatch.setattr(dk, "chunking_is_exact", lambda linear: True)
+    net = tiny_hf_model(vocab_size=5 * dk.CHUNK + 3)
+    w = net.get_output_embeddings().weight
+    assert "chunked unembedding" in dk.prepare_twin(net)
+    assert isinstance(net.get_output_embeddings(), dk.ChunkedUnembed) and net.get_output_embeddings().weight is w
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.allclose(net.get_output_embeddings()(x), torch.nn.functional.linear(x, w, net.get_output_embeddings().bias), atol=1e-5)
 
 
 def test_prepare_twin_leaves_other_attention_alone():

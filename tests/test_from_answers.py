@@ -39,6 +39,16 @@ ROWS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def own_tiny():
+    """A tiny model of this module's own: calling the twin with output_hidden_states leaves
+    transformers' output-recording hooks on its layers, which the shared ``tiny`` must not carry
+    into the hook-count tests."""
+    from steerkit.testing import tiny_model
+
+    return tiny_model()
+
+
 def hand_mean(model, c) -> torch.Tensor:
     ids, start = chat_split(model, c)
     net = model.twin if model.twin is not None else model.hf_model
@@ -47,11 +57,11 @@ def hand_mean(model, c) -> torch.Tensor:
     return hs[LAYER + 1][0, start:].float().mean(0)
 
 
-def test_answer_means_equal_hand_means_in_padded_batches(tiny):
+def test_answer_means_equal_hand_means_in_padded_batches(own_tiny):
     chats = [chat(q, a) for q, a, _ in ROWS]
-    got = answer_means(tiny, chats, LAYER, batch_size=3)  # mixed lengths: left padding inside batches
-    want = torch.stack([hand_mean(tiny, c) for c in chats])
-    assert got.shape == (len(chats), tiny.d_model)
+    got = answer_means(own_tiny, chats, LAYER, batch_size=3)  # mixed lengths: left padding inside batches
+    want = torch.stack([hand_mean(own_tiny, c) for c in chats])
+    assert got.shape == (len(chats), own_tiny.d_model)
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
@@ -75,11 +85,11 @@ def test_paired_difference_is_the_mean_of_per_prompt_differences():
         answers_diff_of_means(means[:2], [True, True])
 
 
-def test_direction_from_answers_points_along_the_hand_difference(tiny):
+def test_direction_from_answers_points_along_the_hand_difference(own_tiny):
     chats = [chat(q, a) for q, a, _ in ROWS]
     pos = [p for _, _, p in ROWS]
-    d = answers_direction(tiny, chats, pos, LAYER, name="mine", source="rows.jsonl")
-    m = torch.stack([hand_mean(tiny, c) for c in chats])
+    d = answers_direction(own_tiny, chats, pos, LAYER, name="mine", source="rows.jsonl")
+    m = torch.stack([hand_mean(own_tiny, c) for c in chats])
     want = ((m[0] - m[1:3].mean(0)) + (m[3:5].mean(0) - m[5])) / 2
     assert torch.nn.functional.cosine_similarity(d.vector, want, dim=0) > 0.9999
     assert d.kind == "diff-of-means" and d.layer == LAYER and d.median_norm > 0
