@@ -26,4 +26,5 @@ $SK track "$OUT"/villain100 "$OUT"/villain075 "$OUT"/villain050 "$OUT"/villain02
   -d persona -d evil-dom -d organism-dom -d villain-dom -d harm-dom -d persona-random \
   --samples 8 --temperature 0.7 --top-p 0.9 --max-new-tokens 80 --seed 0 \
   --control random:32 --out "$OUT/track" --plot bench/results/track_curves.png --force --json > bench/results/track_curves.jsonl
+sed -i "s#$(pwd)/##g" bench/results/track_curves.jsonl  # run paths relative to the repository, as the README gives them
 echo "wrote bench/results/track_curves.jsonl and bench/results/track_curves.png" >&2
