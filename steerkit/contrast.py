@@ -181,29 +181,40 @@ def answer_means(model: LoadedModel, chats: Sequence[Messages], layer: int, batc
     return out
 
 
-def answers_diff_of_means(means: torch.Tensor, positive: Sequence[bool], keys: Sequence[str] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Positive minus negative answers' mean activations (``means [N, d]``). With ``keys`` (one per
-    answer, e.g. its prompt), paired: the mean over keys holding both classes of the key's
-    positive mean minus its negative mean, the other answers left out; without, pooled.
-    Returns the raw vector and counts (positive, negative, groups, answers left out)."""
+def answer_groups(positive: Sequence[bool], keys: Sequence[str] | None = None) -> list[tuple[list[int], list[int]]]:
+    """The (positive, negative) answer indices whose means are differenced: one group per key
+    holding answers of both classes (answers under other keys are left out), or, without
+    ``keys``, one pooled group. Fails in one line where there is nothing to difference."""
     pos = [bool(x) for x in positive]
-    if len(pos) != means.shape[0]:
-        raise SteerkitError(f"{means.shape[0]} answers but {len(pos)} labels")
     if keys is None:
-        if not any(pos) or all(pos):
-            raise SteerkitError(f"a difference of means needs positive and negative answers, got {sum(pos)} and {len(pos) - sum(pos)}")
-        P, N = torch.tensor(pos), ~torch.tensor(pos)
-        return means[P].mean(0) - means[N].mean(0), {"paired": False, "n_positive": int(P.sum()), "n_negative": int(N.sum()), "groups": None, "left_out": 0}
+        group = ([i for i, p in enumerate(pos) if p], [i for i, p in enumerate(pos) if not p])
+        if not group[0] or not group[1]:
+            raise SteerkitError(f"a difference of means needs positive and negative answers, got {len(group[0])} and {len(group[1])}")
+        return [group]
+    if len(keys) != len(pos):
+        raise SteerkitError(f"{len(pos)} labels but {len(keys)} keys")
     groups: dict[str, tuple[list[int], list[int]]] = {}
     for i, (k, p) in enumerate(zip(keys, pos)):
         groups.setdefault(k, ([], []))[0 if p else 1].append(i)
     both = [g for g in groups.values() if g[0] and g[1]]
     if not both:
         raise SteerkitError(f"no prompt has both a positive and a negative answer ({len(groups)} prompts): pair them, or use --unpaired")
-    v = torch.stack([means[g[0]].mean(0) - means[g[1]].mean(0) for g in both]).mean(0)
-    used = sum(len(g[0]) + len(g[1]) for g in both)
-    return v, {"paired": True, "n_positive": sum(len(g[0]) for g in both), "n_negative": sum(len(g[1]) for g in both),
-               "groups": len(both), "left_out": len(pos) - used}
+    return both
+
+
+def answers_diff_of_means(means: torch.Tensor, positive: Sequence[bool], keys: Sequence[str] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Positive minus negative answers' mean activations (``means [N, d]``). With ``keys`` (one per
+    answer, e.g. its prompt), paired: the mean over keys holding both classes of the key's
+    positive mean minus its negative mean, the other answers left out; without, pooled
+    (:func:`answer_groups`). Returns the raw vector and counts (positive, negative, groups,
+    answers left out)."""
+    if len(positive) != means.shape[0]:
+        raise SteerkitError(f"{means.shape[0]} answers but {len(positive)} labels")
+    groups = answer_groups(positive, keys)
+    v = torch.stack([means[g[0]].mean(0) - means[g[1]].mean(0) for g in groups]).mean(0)
+    n_pos, n_neg = sum(len(g[0]) for g in groups), sum(len(g[1]) for g in groups)
+    return v, {"paired": keys is not None, "n_positive": n_pos, "n_negative": n_neg,
+               "groups": len(groups) if keys is not None else None, "left_out": len(positive) - n_pos - n_neg}
 
 
 def answers_direction(
@@ -226,10 +237,7 @@ def answers_direction(
     if len(chats) != len(positive):
         raise SteerkitError(f"{len(chats)} answers but {len(positive)} labels")
     keys = [hashlib.sha256(json.dumps(list(c)[:-1], sort_keys=True).encode()).hexdigest() for c in chats] if paired else None
-    if paired:  # fail on the labels before any forward pass
-        answers_diff_of_means(torch.zeros(len(chats), 1), positive, keys)
-    else:
-        answers_diff_of_means(torch.zeros(len(chats), 1), positive)
+    answer_groups(positive, keys)  # fail on the labels before any forward pass
     means = answer_means(model, chats, layer, batch_size, progress)
     v, info = answers_diff_of_means(means, positive, keys)
     if float(v.norm()) == 0:

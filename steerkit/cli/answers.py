@@ -96,10 +96,10 @@ def from_answers_cmd(
         raise SteerkitError(f"{info.name} does not say how many layers it has: give --layer")
     if info.n_layers is not None and not 0 <= layer < info.n_layers:
         raise SteerkitError(f"--layer {layer} out of range: {info.name} has {info.n_layers} layers (0 to {info.n_layers - 1})")
-    if not unpaired:  # the pairing, checked before the model loads
-        keys = [json.dumps(c[:-1], sort_keys=True) for c in chats]
-        if not {k for k, c in zip(keys, cls) if c} & {k for k, c in zip(keys, cls) if not c}:
-            raise SteerkitError(f"{where}: no prompt has both a positive and a negative answer: pair them, or pass --unpaired")
+    try:  # the pairing, checked before the model loads
+        C.answer_groups(cls, None if unpaired else [json.dumps(c[:-1], sort_keys=True) for c in chats])
+    except SteerkitError as e:
+        raise SteerkitError(f"{where}: {e}") from None
     with err.status(f"loading {model or 'smollm2-135m'}..."):
         m = load_model(model, device=device, dtype=dtype)
     nm = name or out_path.stem
