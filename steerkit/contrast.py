@@ -30,7 +30,6 @@ PCA/classifier extraction, multi-layer extraction, SAE latents.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -181,6 +180,11 @@ def answer_means(model: LoadedModel, chats: Sequence[Messages], layer: int, batc
     return out
 
 
+def prompt_keys(chats: Sequence[Messages]) -> list[str]:
+    """One key per chat for pairing its answer: the chat before the answer, as JSON."""
+    return [json.dumps(list(c)[:-1], sort_keys=True) for c in chats]
+
+
 def answer_groups(positive: Sequence[bool], keys: Sequence[str] | None = None) -> list[tuple[list[int], list[int]]]:
     """The (positive, negative) answer indices whose means are differenced: one group per key
     holding answers of both classes (answers under other keys are left out), or, without
@@ -236,7 +240,7 @@ def answers_direction(
     counts, the pairing and ``source``."""
     if len(chats) != len(positive):
         raise SteerkitError(f"{len(chats)} answers but {len(positive)} labels")
-    keys = [hashlib.sha256(json.dumps(list(c)[:-1], sort_keys=True).encode()).hexdigest() for c in chats] if paired else None
+    keys = prompt_keys(chats) if paired else None
     answer_groups(positive, keys)  # fail on the labels before any forward pass
     means = answer_means(model, chats, layer, batch_size, progress)
     v, info = answers_diff_of_means(means, positive, keys)

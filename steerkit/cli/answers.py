@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -97,7 +96,7 @@ def from_answers_cmd(
     if info.n_layers is not None and not 0 <= layer < info.n_layers:
         raise SteerkitError(f"--layer {layer} out of range: {info.name} has {info.n_layers} layers (0 to {info.n_layers - 1})")
     try:  # the pairing, checked before the model loads
-        C.answer_groups(cls, None if unpaired else [json.dumps(c[:-1], sort_keys=True) for c in chats])
+        C.answer_groups(cls, None if unpaired else C.prompt_keys(chats))
     except SteerkitError as e:
         raise SteerkitError(f"{where}: {e}") from None
     with err.status(f"loading {model or 'smollm2-135m'}..."):
