@@ -223,6 +223,8 @@ def test_extract_judged_attribution_saves_a_weighted_set(ws, tiny_dir):
     want = latent_set_vector(load_sae(ws / "sae").W_dec, d.latents, d.weights)
     assert torch.allclose(d.vector, want / want.norm(), atol=1e-6)
     assert d.sae_path().resolve() == (ws / "sae").resolve()
+    # the provenance names the SAE as the file does, never by this machine's absolute path
+    assert d.provenance["extraction"]["sae"] == d.sae == "../sae" and str(ws) not in json.dumps(d.provenance)
     # never overwritten without --force
     r2 = extract(ws, tiny_dir, "--rank-by", "attribution", "--judged", ws / "judged.jsonl", "--save", "persona", "--latents", "top:2")
     assert r2.exit_code == 1 and "--force" in r2.stderr
@@ -272,3 +274,24 @@ def test_bad_input_is_one_line_before_loading(ws, tiny_dir, no_loading, args, wa
     assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], r.stderr
     assert not (ws / "out" / "s.safetensors").exists()
     assert (ws / "out" / "taken.safetensors").read_bytes() == b"not yours"
+
+
+@pytest.mark.slow
+def test_shipped_evil_sae8_is_what_its_command_makes(tmp_path):
+    """directions/README.md: evil-sae8 is the 8 `sae-l15` latents that steerkit's evil vs caring
+    system prompts switch on most (`steerkit extract --contrast ... --latents top:8`), weighted
+    by that increase; the command is deterministic, so the shipped file is what it makes."""
+    from steerkit.directions import find_direction, shipped_root
+
+    shipped = load_direction(find_direction("evil-sae8", "smollm2-135m"))
+    contrast = shipped_root().parent / "steerkit" / "data" / "contrast" / "evil.json"
+    r = runner.invoke(app, ["extract", "--contrast", str(contrast), "--sae", "sae-l15", "--rank-by", "delta", "--top", "32",
+                            "--save", "evil-sae8", "--latents", "top:8", "--out-dir", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    d = load_direction(tmp_path / "evil-sae8.safetensors")
+    assert d.kind == shipped.kind == "sae-latents" and shipped.sae == "sae-l15" and d.layer == shipped.layer == 15
+    assert d.latents == shipped.latents and len(d.latents) == 8
+    assert d.weights == pytest.approx(shipped.weights, rel=1e-4)
+    assert torch.nn.functional.cosine_similarity(d.vector, shipped.vector, dim=0) > 0.9999
+    # the provenance names the SAE as shipped, with no machine path in it
+    assert shipped.provenance["extraction"]["sae"] == "sae-l15" and "/" not in json.dumps(shipped.provenance["extraction"])

@@ -239,7 +239,8 @@ def _save_latents(name: str, ids: list[int], sae_path: Path, sae: Any, model: Lo
         kind="sae-latent" if one else "sae-latents",
         median_norm=median_token_norm(model, default_norm_chats(), layer),
         description=f"{what} ({','.join(map(str, ids[:8]))}{',...' if len(ids) > 8 else ''}), ranked by {ex.rank_by} ({ex.meta.get('mode')})",
-        provenance={"extraction": {k: v for k, v in ex.meta.items()}, "rank_by": ex.rank_by,
+        # the SAE as the direction names it (relative to the file), not this machine's path
+        provenance={"extraction": {**ex.meta, "sae": rel_path(sae_path, target)}, "rank_by": ex.rank_by,
                     **({} if one else {"weight_by": weight_by, "weights": weights}),
                     "latent_stats": {str(i): {"rank": by_id[i].rank, "score": by_id[i].score, "delta": by_id[i].delta,
                                               "attribution": by_id[i].attribution} for i in ids if i in by_id}},
