@@ -28,8 +28,8 @@ s=($SK sweep --samples 8 --max-new-tokens 64 --temperature 0.7 --top-p 0.9 --jud
 "${s[@]}" -d "$out/sets/evil-sae8.safetensors" --strengths 0.1,0.2 --seed 0 --out "$out/evil-sae8-em"
 "${s[@]}" -d "$out/sets/evil-sae32.safetensors" --strengths 0.1,0.2 --seed 0 --out "$out/evil-sae32-em"
 "${s[@]}" -d "$out/sets/evil-sae8.safetensors" --strengths 0.1,0.2,0.3 --seed 1 --out "$out/evil-sae8-em-s1"
-# ablated in the villain organism (latents zeroed in the SAE basis, its error kept), beside 8 random
+# ablated in the villain organism (latents zeroed in the SAE basis, its error kept), beside 3 draws of 8 random
 # latents of matched firing rate: 8 EM questions x 16 samples
-$SK sweep -d "$out/sets/evil-sae8.safetensors" --mode ablate --tuned directions/smollm2-135m/organism-villain400 --control latents:1 \
+$SK sweep -d "$out/sets/evil-sae8.safetensors" --mode ablate --tuned directions/smollm2-135m/organism-villain400 --control latents:3 \
     --samples 16 --max-new-tokens 64 --temperature 0.7 --top-p 0.9 --seed 0 --judge none --force --out "$out/evil-sae8-ablate"
 echo "answers in $out/*/results.jsonl: read them blind (bench/sweep_read.py batches)"
