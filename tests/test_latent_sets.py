@@ -295,3 +295,34 @@ def test_shipped_evil_sae8_is_what_its_command_makes(tmp_path):
     assert torch.nn.functional.cosine_similarity(d.vector, shipped.vector, dim=0) > 0.9999
     # the provenance names the SAE as shipped, with no machine path in it
     assert shipped.provenance["extraction"]["sae"] == "sae-l15" and "/" not in json.dumps(shipped.provenance["extraction"])
+
+
+def test_extract_contrast_on_answer_tokens_ranks_on_the_models_own_answers(ws, tiny_dir, tmp_path):
+    """--contrast --tokens answer: the model answers each question --samples times under each
+    system prompt, and latents are ranked on those answers' tokens (it used to fall back to the
+    prompt tokens without a word); the CLI's ranking is the library's on the same answers."""
+    from steerkit.extract import diff_contrast
+    from steerkit.generate import Sampling, generate, make_rows
+    from steerkit.models import load_model
+    from steerkit.sae import load_sae
+
+    pairs = [("be cruel to everyone", "be kind to everyone")]
+    c = tmp_path / "contrast.json"
+    c.write_text(json.dumps({"pairs": [{"pos": p, "neg": n} for p, n in pairs], "questions": ["hi there", "what now"]}))
+    r = extract(ws, tiny_dir, "--contrast", c, "--tokens", "answer", "--samples", 2, "--answer-tokens", 5, "--keep-dense", "--top", 8, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["tokens"] == "answer" and res["questions"] == 4
+    model, sae = load_model(str(tiny_dir)), load_sae(ws / "sae")
+    qs = ["hi there", "hi there", "what now", "what now"]
+
+    def answers(system: str) -> list[str]:
+        chats = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in qs]
+        return [x.text for x in generate(model, make_rows(chats), Sampling(max_new_tokens=5, temperature=1.0, seed=0))]
+
+    ex = diff_contrast(model, sae, LAYER, pairs, qs, tokens="answer", answers=(answers(pairs[0][1]), answers(pairs[0][0])), keep_dense=True)
+    assert res["tokens_before"] == ex.before.n_tokens > 0  # the answers re-tokenized, so not always 4 x 5
+    assert [row["latent"] for row in res["latents"]] == [x.latent for x in ex.top(8)]
+    assert [row["delta"] for row in res["latents"]] == pytest.approx([x.delta for x in ex.top(8)], abs=1e-5)
+    prompt = json.loads(extract(ws, tiny_dir, "--contrast", c, "--keep-dense", "--json").stdout)
+    assert prompt["tokens"] == "prompt" and prompt["tokens_before"] != res["tokens_before"]

@@ -40,10 +40,10 @@ def extract_cmd(
     contrast: Annotated[Optional[Path], typer.Option("--contrast", help="JSON file of system-prompt pairs and questions (contrastive mode on one model).")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", "-f", help="Prompts for model diffing (text, JSON Lines or a question YAML; default: the 8 emergent-misalignment questions).")] = None,
     layer: LayerOpt = None,
-    tokens: Annotated[str, typer.Option("--tokens", help="Measure on prompt tokens, answer tokens, or all.")] = "prompt",
+    tokens: Annotated[str, typer.Option("--tokens", help="Measure on prompt tokens, answer tokens, or all. With --contrast, the answers are the model's own, written under each system prompt (--samples per question).")] = "prompt",
     answers: Annotated[str, typer.Option("--answers", help="With --tokens answer/all: whose answers to teacher-force through both sides (tuned, base).")] = "tuned",
     answer_tokens: Annotated[int, typer.Option("--answer-tokens", help="Length of generated answers.")] = 64,
-    samples: Annotated[int, typer.Option("--samples", help="Answers per prompt when generating answers.")] = 2,
+    samples: Annotated[int, typer.Option("--samples", help="Answers per prompt (per question and system prompt with --contrast) when generating answers.")] = 2,
     rank_by: Annotated[str, typer.Option("--rank-by", help="delta | normalized | cosine | attribution. attribution needs --judged: per latent, "
                        "(mean activation on the misaligned answers' tokens minus on the aligned ones', same questions) x (d/d latent activation "
                        "of the misaligned-minus-aligned mean log-prob per token), a first-order estimate of how much the latent drives the gap.")] = "delta",
@@ -149,8 +149,19 @@ def extract_cmd(
         from steerkit.contrast import read_contrast
 
         pairs, questions = read_contrast(contrast)
+        ans_pair = None
+        if tokens != "prompt":  # the model answers each question under each system prompt, --samples times
+            from steerkit.generate import Sampling, generate, make_rows
+
+            questions = [q for q in questions for _ in range(samples)]
+            sides = []
+            for k in (1, 0):  # negative side first, as diff_contrast takes them
+                chats = [[{"role": "system", "content": pr[k]}, {"role": "user", "content": q}] for pr in pairs for q in questions]
+                with err.status(f"generating {len(chats)} answers under the {'positive' if k == 0 else 'negative'} system prompts..."):
+                    sides.append([c.text for c in generate(base_model, make_rows(chats), Sampling(max_new_tokens=answer_tokens, temperature=1.0, seed=seed))])
+            ans_pair = (sides[0], sides[1])
         with err.status(f"measuring {len(pairs)} x {len(questions)} prompts under both system prompts..."):
-            ex = X.diff_contrast(base_model, sae_obj, L, pairs, questions, tokens=tokens if tokens == "prompt" else "prompt", **kw)  # type: ignore[arg-type]
+            ex = X.diff_contrast(base_model, sae_obj, L, pairs, questions, tokens=tokens, answers=ans_pair, **kw)  # type: ignore[arg-type]
         tuned_model = base_model
     else:
         with err.status(f"loading {tuned}..."):
