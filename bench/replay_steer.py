@@ -50,12 +50,21 @@ ROOT = Path(__file__).resolve().parent.parent
 @torch.inference_mode()
 def layer_means(model: LoadedModel, chats: list[list[dict]], batch_size: int = 8) -> torch.Tensor:
     """Per block, the mean residual over the chats' final assistant turns: ``[n_layers, d]``.
-    Block L's output is hidden_states[L + 1]; the last block's, before the final norm, comes from
-    the bridge's residual hook, so all ``n_layers`` are read in one pass."""
+    Every block's output is read at the bridge's residual hook, where steering acts (a hook put
+    there after a steering plan sees the steered residual), all ``n_layers`` in one pass."""
     split = [chat_split(model, c) for c in chats]
     n, d = model.n_layers, model.d_model
     total, count = torch.zeros(n, d, dtype=torch.float64), 0
     pad = model.tokenizer.pad_token_id or 0
+    hs: dict[int, torch.Tensor] = {}  # block -> its output in the current batch
+
+    def grab(L: int):  # a hook that keeps block L's output
+        def fn(act: torch.Tensor, hook: object = None) -> torch.Tensor:
+            hs[L] = act.detach()
+            return act
+
+        return fn
+
     for s in range(0, len(split), batch_size):
         part = split[s : s + batch_size]
         T = max(len(ids) for ids, _ in part)
@@ -64,15 +73,8 @@ def layer_means(model: LoadedModel, chats: list[list[dict]], batch_size: int = 8
         for r, (x, _) in enumerate(part):
             ids[r, : len(x)] = torch.tensor(x)
             mask[r, : len(x)] = 1
-        last: list[torch.Tensor] = []
-
-        def grab(x: torch.Tensor, hook: object = None, last: list[torch.Tensor] = last) -> torch.Tensor:
-            last.append(x.detach())
-            return x
-
-        with bridge_hooks(model, [(n - 1, grab)]):
-            out = model.hf_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), output_hidden_states=True, use_cache=False)
-        hs = list(out.hidden_states[1:n]) + [last[0]]
+        with bridge_hooks(model, [(L, grab(L)) for L in range(n)]):
+            model.hf_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False)
         for r, (x, start) in enumerate(part):
             for L in range(n):
                 total[L] += hs[L][r, start : len(x)].double().sum(0).cpu()
@@ -133,7 +135,6 @@ def main() -> None:
         rnd[L] = r / r.norm() * v.norm()
 
     # how far the replayed increments move the base model's mean residual (first order: m_L)
-    base = load_model("smollm2-135m")  # a fresh copy: the pass above left output recorders on the first
     reach = []
     fit_check = chats[:64]
     plan = SteeringPlan.uniform(adds(base, inc, "replay"))
@@ -141,8 +142,7 @@ def main() -> None:
     with steering(base, plan):
         b1 = layer_means(base, fit_check)
     for L in range(n):
-        # hidden_states hold a block's output before the hooks on it (the last block's: after)
-        shift = b1[L] - b0[L] + (inc[L] if L < n - 1 else 0)
+        shift = b1[L] - b0[L]
         reach.append({"layer": L, "norm_m": float(m[L].norm()), "norm_increment": float(inc[L].norm()),
                       "norm_shift": float(shift.norm()), "cos_shift_m": float(torch.nn.functional.cosine_similarity(shift, m[L], dim=0)),
                       "norm_base": float(b0[L].norm())})
@@ -152,7 +152,6 @@ def main() -> None:
     for r in reach[::3] + [reach[-1]]:
         print(f"L{r['layer']:>2}  |m| {r['norm_m']:7.2f}  |inc| {r['norm_increment']:6.2f}  replayed shift {r['norm_shift']:7.2f}  cos with m {r['cos_shift_m']:.2f}")
 
-    base = load_model("smollm2-135m")
     sampling = Sampling(max_new_tokens=a.max_new_tokens, temperature=0.7, top_p=0.9, seed=a.seed)
     cells: list[tuple[str, str, float, object, tuple[Intervention, ...]]] = [("base", "unsteered", 0.0, base, ())]
     for x in alphas:
