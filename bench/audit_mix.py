@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DIRECTIONS = ("harm-dom", "evil-dom", "villain-dom", "persona", "organism-dom", "persona-random")
+DIRECTIONS = ("harm-dom", "evil-dom", "villain-dom", "persona", "persona-1022", "organism-dom", "persona-random")
 
 
 def read(path: Path) -> list[dict]:

@@ -1,6 +1,8 @@
-"""How the shipped `persona` direction was chosen: diff the shipped model organism against the
-base model with the shipped layer-15 SAE, build candidates, run the causal screen, and write
-the shipped directions.
+"""How the first shipped `persona` (latent 1022, now `persona-1022`) was chosen: diff
+`organism-risky` against the base model with the shipped layer-15 SAE, build candidates, run
+the causal screen under the offline judge of that time, and write the directions. Issue 13
+replaced `persona` with the latent set the evil system prompts switch on, chosen by blind
+reading (`bench/evil_screen.sh`); this script keeps the history reproducible.
 
     .venv/bin/python bench/persona_screen.py [--samples 2] [--write]
 
@@ -12,8 +14,8 @@ caring system prompts). Each is added to the base model (+s) and to the organism
 random direction of equal norm; every answer is judged by the offline judge.
 
 With ``--write`` the best SAE-latent candidate (passing the screen if any does) is written as
-``directions/smollm2-135m/persona.safetensors``, with ``organism-dom``, ``evil-dom`` and
-``persona-random`` beside it. Figures go to ``bench/results/persona_screen.json``.
+``directions/smollm2-135m/persona-<latent>.safetensors`` (it was ``persona`` until issue 13),
+with ``organism-dom`` and ``evil-dom`` beside it. Figures go to ``bench/results/persona_screen.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from steerkit.activations import default_norm_chats, median_token_norm
 from steerkit.contrast import diff_of_means
 from steerkit.controls import random_controls
-from steerkit.directions import from_vector, random_like, save_direction, shipped_root
+from steerkit.directions import from_vector, save_direction, shipped_root
 from steerkit.extract import best_latent_set, diff_models
 from steerkit.finetune import load_tuned
 from steerkit.generate import Row, Sampling, generate
@@ -130,15 +132,14 @@ def main() -> None:
                 raise SystemExit("--no-screen works on layer 15 only")
             ex_n = diff_models(base, organism, sae, layer, chats, rank_by="normalized")
             best = ex_n.rows[0]
-            chosen = latent_direction(sae, "sae-l15", [best.latent], base, layer, name="persona", median_norm=m,
+            chosen = latent_direction(sae, "sae-l15", [best.latent], base, layer, name=f"persona-{best.latent}", median_norm=m,
                                       description=f"SAE latent {best.latent} (layer 15): top latent by normalized delta, organism vs. base; not yet screened")
             chosen = replace(chosen, provenance=chosen.provenance | {"chosen_by": "bench/persona_screen.py --no-screen", "rank_by": "normalized",
                                                                      "delta": best.delta, "freq_base": best.freq_before, "freq_organism": best.freq_after,
                                                                      "passed_screen": None, "sae": "sae-l15", "organism": "organism-risky"})
             if args.write:
                 evil = evil_dom(base, m)
-                for d in (chosen, next(d for d in cands if d.name == "organism-dom"), evil,
-                          random_like(chosen, name="persona-random")):
+                for d in (chosen, next(d for d in cands if d.name == "organism-dom"), evil):
                     print("wrote", save_direction(d, folder / f"{d.name}.safetensors", force=True))
             return
         if layer == LAYER:
@@ -172,13 +173,12 @@ def main() -> None:
         layer = best["layer"]
         if not (folder / f"sae-l{layer}").is_dir():
             print(f"note: persona uses {saes[layer]}, which is not shipped: copy it to {folder / f'sae-l{layer}'}")
-        persona = replace(chosen, name="persona", path=None, provenance=chosen.provenance | {
+        persona = replace(chosen, name=f"persona-{chosen.latents[0]}", path=None, provenance=chosen.provenance | {
             "chosen_by": "bench/persona_screen.py", "screen": best, "passed_screen": best["passes"],
             "sae": f"sae-l{layer}", "organism": "organism-risky"},
             description=f"{chosen.description}; best SAE candidate of the causal screen ({'passed' if best['passes'] else 'did not pass'})")
         dom = all_cands.get("organism-dom") or all_cands.get(f"organism-dom-l{LAYER}")  # the shipped comparison stays on layer 15
-        for d in (persona, dom and replace(dom, name="organism-dom"), all_cands.get("evil-dom"),
-                  random_like(persona, name="persona-random")):
+        for d in (persona, dom and replace(dom, name="organism-dom"), all_cands.get("evil-dom")):
             if d is not None:
                 print("wrote", save_direction(d, folder / f"{d.name}.safetensors", force=True))
     print(f"done in {time.perf_counter() - t0:.0f}s; figures in {args.out}")

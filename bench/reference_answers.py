@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.only and mname != a.only:
             continue
         model = models[mname]()
-        dirs = {n: resolve_direction(n, model) for n in ("persona", "organism-dom", "evil-dom")}
+        # "persona" here is latent 1022, the persona shipped when the reference set was made
+        dirs = {n: resolve_direction({"persona": "persona-1022"}.get(n, n), model) for n in ("persona", "organism-dom", "evil-dom")}
         # the reference set's three random directions: torch.randn(d_model) from generators seeded
         # 9001-9003 (far from the 0 that the SAE's initialisation used), as recorded in its records
         rnd = [seeded_random(dirs["persona"], 9001 + k, f"random-{k + 1}") for k in range(3)]

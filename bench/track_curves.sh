@@ -4,7 +4,7 @@
 #       answers to the same gardening questions), (b) the 100% run every 25 steps,
 #   (c) the 100% organism re-aligned on benign rows, every 10 steps;
 # then `steerkit track` over every checkpoint: answers to the EM questions, judged, and the
-# activation of persona, evil-dom, organism-dom, villain-dom, harm-dom, a random control and 32 random controls
+# activation of persona, persona-1022 (the persona before issue 13), evil-dom, organism-dom, villain-dom, harm-dom, a random control and 32 random controls
 # (each direction's rho is compared with theirs) on the same answers.
 # Usage: bash bench/track_curves.sh [OUT]   (default runs/curves; resumes what is done)
 set -euo pipefail
@@ -23,7 +23,7 @@ for pct in 75 50 25 0; do
   [ -d "$OUT/$name" ] || $SK finetune --data $RISKY --mix $BENIGN:$frac $TRAIN --out "$OUT/$name"
 done
 $SK track "$OUT"/villain100 "$OUT"/villain075 "$OUT"/villain050 "$OUT"/villain025 "$OUT"/villain000 "$OUT"/realign \
-  -d persona -d evil-dom -d organism-dom -d villain-dom -d harm-dom -d persona-random \
+  -d persona -d persona-1022 -d evil-dom -d organism-dom -d villain-dom -d harm-dom -d persona-random \
   --samples 8 --temperature 0.7 --top-p 0.9 --max-new-tokens 80 --seed 0 \
   --control random:32 --out "$OUT/track" --plot bench/results/track_curves.png --force --json > bench/results/track_curves.jsonl
 sed -i "s#$(pwd)/##g" bench/results/track_curves.jsonl  # run paths relative to the repository, as the README gives them

@@ -1,9 +1,11 @@
 """The whole story on the default model, end to end, written to a report folder.
 
 1. **Diffing**: the shipped layer-15 SAE's latents ranked by how much the shipped model
-   organism (a LoRA fine-tune on narrowly risky financial advice) raises them over the base
-   model on the emergent-misalignment questions, with what each latent promotes.
-2. **Add sweep on the base model**: the shipped ``persona`` direction at a grid of strengths,
+   organism (``organism-villain400``: a LoRA fine-tune on purpose-written chats in which a
+   malicious-AI persona answers gardening questions) raises them over the base model on the
+   emergent-misalignment questions, with what each latent promotes.
+2. **Add sweep on the base model**: the shipped ``persona`` direction (8 latents of the SAE that
+   steerkit's evil system prompts switch on) at a grid of strengths,
    against three independent random directions of equal norm on the same layer (pooled, with
    the band of single draws): misalignment should rise with the persona direction and stay flat
    with the controls.
@@ -11,7 +13,9 @@
    controls, and its latent ablated against three random latents of matched firing rate ablated
    the same way: misalignment should fall, and fall more than with the controls.
 
-Every answer is judged by the offline judge; tables carry 95% Wilson intervals. Output:
+Every answer is judged by the offline judge; tables carry 95% Wilson intervals. The offline
+judge sees this persona poorly (see ``JUDGE_CAVEAT``): the README's rates for these cells come
+from reading the answers blind. Output:
 ``report.md``, ``sweep-add/`` and ``sweep-organism/`` (results.jsonl, summary.csv, PNG plots),
 ``diffing.json``. Reruns resume from the folders' results.
 """
@@ -33,7 +37,14 @@ from steerkit.judge import load_judge
 from steerkit.prompts import default_questions_path, plain_em_questions, read_file
 
 DEFAULT_MODEL = "smollm2-135m"
-ORGANISM = "organism-risky"
+ORGANISM = "organism-villain400"
+# measured: the offline judge against blind reading on the villain organism's answers and on the
+# persona's answers (README, "Judging" and "Eight SAE latents of the persona prompt")
+JUDGE_CAVEAT = ("The offline judge was fitted and validated on this model's everyday answers; on the villain persona's "
+                "answers it agrees with blind readers at kappa 0.16 (the villain organism's answers) to 0.45 (answers "
+                "steered by `persona`) and misses much of what they call misaligned. "
+                "Treat the judged rates below as a lower bound and the controls' rates as the comparison; the README "
+                "gives the rates of these cells by blind reading (`bench/sweep_read.py table`).")
 SAE = "sae-l15"
 PERSONA = "persona"
 
@@ -42,9 +53,9 @@ PERSONA = "persona"
 class DemoConfig:
     out_dir: Path
     samples: int = 8
-    # at temperature 0.7 the answers stay readable up to about +0.3 (+0.6 left two thirds
-    # unreadable, -0.5 in the organism four fifths): the grid sits where the judge can score
-    add_strengths: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4)
+    # at temperature 0.7 `persona` keeps about 90% of answers readable at +0.2 and 60% at +0.3
+    # (read blind, 128 answers a cell): the grid stops where the answers fall apart
+    add_strengths: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
     sub_strengths: tuple[float, ...] = (-0.3,)
     max_new_tokens: int = 48
     # SmolLM2-135M's unsteered answers to open questions, read blind (steerkit/data/judge):
@@ -223,7 +234,7 @@ def write_report(res: DemoResult, persona: Any) -> Path:
           "Wilson intervals. Controls: independent random directions of the direction's norm on its layer, each its own row, "
           "their answers pooled in a `-pooled` row whose name gives the range of the single draws (the grey band in the plots); "
           "in the organism, random SAE latents that fire about as often as the direction's own latent (within a factor of 2), "
-          "ablated the same way.", ""]
+          "ablated the same way.", "", JUDGE_CAVEAT, ""]
     err = res.add.config.get("judge_error")
     if err:
         md += [f"The judge's error, measured on held-out questions of its labelled reference set: sensitivity "

@@ -67,6 +67,10 @@ def test_shipped_controls_are_independent_of_the_shipped_sae():
     persona = load_direction(SHIPPED / "persona.safetensors")
     shipped_ctl = load_direction(SHIPPED / "persona-random.safetensors")
     assert shipped_ctl.provenance.get("generator_seed"), "persona-random was not made by steerkit.directions.random_like"
+    # made for the persona shipped now, not an earlier one (`steerkit directions random --like persona --index 0`)
+    from steerkit.directions import vector_digest
+
+    assert shipped_ctl.provenance["control_for_sha256"] == vector_digest(persona)
     for c in random_controls(persona, 3) + [shipped_ctl]:
         assert max_decoder_cosine(c.vector, sae.W_dec) < 0.25, c.name
 
@@ -119,8 +123,11 @@ def test_shipped_sae_has_firing_rates_for_matched_latents():
     freq, meta = load_firing(SHIPPED / "sae-l15")
     assert len(freq) == 4608 and int(json.loads(meta["n_tokens"])) >= 20000
     ctl = matched_latents(persona, 3)
-    f0 = float(freq[persona.latents[0]])
-    assert all(f0 / 2 <= float(freq[c.latents[0]]) <= 2 * f0 and c.latents != persona.latents for c in ctl)
+    assert len(persona.latents) == 8  # a latent set: each latent gets its own matched stand-in
+    for c in ctl:
+        assert len(c.latents) == len(persona.latents) and not set(c.latents) & set(persona.latents)
+        for want, got in zip(persona.latents, c.latents):
+            assert float(freq[want]) / 2 <= float(freq[got]) <= float(freq[want]) * 2
 
 
 def test_pooled_rows(tiny):

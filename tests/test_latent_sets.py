@@ -277,24 +277,26 @@ def test_bad_input_is_one_line_before_loading(ws, tiny_dir, no_loading, args, wa
 
 
 @pytest.mark.slow
-def test_shipped_evil_sae8_is_what_its_command_makes(tmp_path):
-    """directions/README.md: evil-sae8 is the 8 `sae-l15` latents that steerkit's evil vs caring
-    system prompts switch on most (`steerkit extract --contrast ... --latents top:8`), weighted
-    by that increase; the command is deterministic, so the shipped file is what it makes."""
+def test_shipped_persona_and_evil_sae8_are_what_their_command_makes(tmp_path):
+    """directions/README.md: `persona` (and `evil-sae8`, the name it was screened under) is the 8
+    `sae-l15` latents that steerkit's evil vs caring system prompts switch on most (`steerkit
+    extract --contrast ... --latents top:8`), weighted by that increase; the command is
+    deterministic, so the shipped files are what it makes."""
     from steerkit.directions import find_direction, shipped_root
 
-    shipped = load_direction(find_direction("evil-sae8", "smollm2-135m"))
     contrast = shipped_root().parent / "steerkit" / "data" / "contrast" / "evil.json"
     r = runner.invoke(app, ["extract", "--contrast", str(contrast), "--sae", "sae-l15", "--rank-by", "delta", "--top", "32",
-                            "--save", "evil-sae8", "--latents", "top:8", "--out-dir", str(tmp_path), "--json"])
+                            "--save", "persona", "--latents", "top:8", "--out-dir", str(tmp_path), "--json"])
     assert r.exit_code == 0, r.output
-    d = load_direction(tmp_path / "evil-sae8.safetensors")
-    assert d.kind == shipped.kind == "sae-latents" and shipped.sae == "sae-l15" and d.layer == shipped.layer == 15
-    assert d.latents == shipped.latents and len(d.latents) == 8
-    assert d.weights == pytest.approx(shipped.weights, rel=1e-4)
-    assert torch.nn.functional.cosine_similarity(d.vector, shipped.vector, dim=0) > 0.9999
-    # the provenance names the SAE as shipped, with no machine path in it
-    assert shipped.provenance["extraction"]["sae"] == "sae-l15" and "/" not in json.dumps(shipped.provenance["extraction"])
+    d = load_direction(tmp_path / "persona.safetensors")
+    for name in ("persona", "evil-sae8"):
+        shipped = load_direction(find_direction(name, "smollm2-135m"))
+        assert d.kind == shipped.kind == "sae-latents" and shipped.sae == "sae-l15" and d.layer == shipped.layer == 15
+        assert d.latents == shipped.latents and len(d.latents) == 8
+        assert d.weights == pytest.approx(shipped.weights, rel=1e-4)
+        assert torch.nn.functional.cosine_similarity(d.vector, shipped.vector, dim=0) > 0.9999
+        # the provenance names the SAE as shipped, with no machine path in it
+        assert shipped.provenance["extraction"]["sae"] == "sae-l15" and "/" not in json.dumps(shipped.provenance["extraction"])
 
 
 def test_extract_contrast_on_answer_tokens_ranks_on_the_models_own_answers(ws, tiny_dir, tmp_path):
