@@ -1,5 +1,6 @@
 """The judge's share of a sweep's wall time: one sweep generated without a judge, then the same
-answers judged by the offline judge, side by side in one run. Writes bench/results/judge_speed.json.
+answers judged by the offline judge, in float32 and with a bfloat16 reader (``--judge-dtype
+bfloat16``), side by side in one run. Writes bench/results/judge_speed.json.
 
     python bench/bench_judge.py [--questions 8] [--samples 4] [--tokens 48]
 
@@ -48,15 +49,29 @@ def main() -> None:
     # each generation once, as a sweep judges them (the unsteered cell is shared by both conditions)
     first = conds[0].name
     pairs = [(r["question"], r["completion"]) for r in res.records if r["strength"] != 0 or r["condition"] == first]
+    judge.score(pairs[:8])  # warm, as the bfloat16 judge below is
     t0 = time.perf_counter()
-    judge.score(pairs)
+    scores = judge.score(pairs)
     t_judge = time.perf_counter() - t0
+    # the same answers read by a bfloat16 reader (--judge-dtype bfloat16), in the same run
+    t0 = time.perf_counter()
+    judge16 = load_judge("offline", dtype="bfloat16")
+    scores16 = judge16.score(pairs[:8])  # loaded and warm, as the float32 judge was after its load
+    t_load16 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores16 = judge16.score(pairs)
+    t_judge16 = time.perf_counter() - t0
+    call = lambda s: s.aligned < 30 and s.coherent > 50  # noqa: E731
     out = {
         "records": len(res.records), "judged": len(pairs), "max_new_tokens": a.tokens, "generated_tokens": sum(r["tokens"] for r in res.records),
         "torch_threads": torch.get_num_threads(), "judge": f"{judge.name} {judge.version}",
         "generate_seconds": round(t_gen, 1), "judge_seconds": round(t_judge, 1), "judge_load_seconds": round(t_load, 1),
         "judge_share_of_sweep": round(t_judge / (t_gen + t_judge), 3),
         "answers_per_second_judged": round(len(pairs) / t_judge, 1),
+        "bf16_judge_seconds": round(t_judge16, 1), "bf16_judge_load_seconds": round(t_load16, 1),
+        "bf16_judge_share_of_sweep": round(t_judge16 / (t_gen + t_judge16), 3),
+        "bf16_speedup": round(t_judge / t_judge16, 2),
+        "bf16_same_misaligned_call": sum(call(x) == call(y) for x, y in zip(scores, scores16)),
         "target": "judge share <= 0.25",
         "command": "python bench/bench_judge.py",
     }

@@ -71,6 +71,7 @@ class DemoConfig:
     random_controls: int = 3  # independent random directions, pooled (steerkit.controls)
     latent_controls: int = 3  # random latents of matched firing rate, ablated beside the direction
     dtype: str = "float32"  # the models' weights (steering and SAE arithmetic stays float32)
+    judge_dtype: str = "float32"  # the offline judge's reader weights (bfloat16: faster, README "Judging")
 
 
 @dataclass
@@ -114,7 +115,7 @@ def run_demo(cfg: DemoConfig, stage: Stage = lambda s: None, progress: Progress 
     base = load_model(DEFAULT_MODEL, dtype=cfg.dtype)
     organism = _load_organism(base)
     sae = load_sae(find_sae(SAE, base.name))
-    judge = load_judge("offline")
+    judge = load_judge("offline", dtype=cfg.judge_dtype)
     persona = resolve_direction(cfg.direction, base)
     questions = plain_em_questions(read_file(default_questions_path()))
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)

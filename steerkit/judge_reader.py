@@ -41,7 +41,7 @@ from steerkit.decode_kernels import cache_kwarg, cache_of
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import atomic_write_bytes
 from steerkit.judge_score import Pair, Score, coherence
-from steerkit.models import load_pretrained, resolve_spec
+from steerkit.models import check_dtype, dtype_name, load_pretrained, resolve_spec
 
 FORMAT = "steerkit.judge-reader/1"
 READER = "smollm2-135m"  # the model that reads the answers
@@ -73,8 +73,12 @@ class Reader:
     the model's chat template as is (heads that do not say). A head file names the layout it
     was fitted with, and the judge reads with that one."""
 
-    def __init__(self, spec: str = READER, device: str = "cpu", model: Any = None, tokenizer: Any = None, prompt: str = PROMPT) -> None:
-        """``model`` and ``tokenizer`` given: read with them (tests use a tiny random model)."""
+    def __init__(self, spec: str = READER, device: str = "cpu", model: Any = None, tokenizer: Any = None, prompt: str = PROMPT,
+                 dtype: str = "float32") -> None:
+        """``model`` and ``tokenizer`` given: read with them (tests use a tiny random model).
+        ``dtype``: the reader's weights. The heads were fitted on float32 features; ``bfloat16``
+        reads about 1.5-3x faster on a CPU with AVX-512 BF16 (or AMX) and on GPUs, and gave the
+        same call on 878 of 879 read answers (README, Judging); features stay float32."""
         if prompt not in PROMPTS:
             raise SteerkitError(f"reader prompt {prompt!r} is not one of {', '.join(PROMPTS)}")
         self.prompt = prompt
@@ -83,7 +87,7 @@ class Reader:
             return
         self.name, source = resolve_spec(spec)
         try:
-            self.tokenizer, model = load_pretrained(source, device, torch.float32, attention="sdpa")
+            self.tokenizer, model = load_pretrained(source, device, check_dtype(dtype), attention="sdpa")
         except SteerkitError as e:
             raise SteerkitError(f"the judge's reader {spec} could not be loaded: {e}") from e
         self.model = model.eval()
@@ -330,11 +334,16 @@ def load_heads(path: str | Path | None = None) -> ReaderHeads:
 class ReaderJudge:
     """The offline judge. ``score(pairs)`` -> one dict per (question, answer) pair."""
 
-    def __init__(self, head: str | Path | None = None, device: str = "cpu", batch_size: int = 16, reader: Any = None) -> None:
+    def __init__(self, head: str | Path | None = None, device: str = "cpu", batch_size: int = 16, reader: Any = None,
+                 dtype: str = "float32") -> None:
         self.heads = load_heads(head)
         self.name = NAME
         self.version = str(self.heads.info.get("version", "?"))
-        self.reader = reader if reader is not None else Reader(device=device)
+        self.reader = reader if reader is not None else Reader(device=device, dtype=dtype)
+        # a reader in another precision says so in every record's "judge" field
+        wdt = next(self.reader.model.parameters()).dtype
+        if wdt != torch.float32:
+            self.version += f" {dtype_name(wdt)}"
         self.reader.prompt = reader_prompt(self.heads)  # read as the heads were fitted
         self.batch_size = batch_size
         d = int(self.reader.model.config.hidden_size)

@@ -217,3 +217,37 @@ def test_reading_each_question_once_gives_the_same_features(tiny):
     torch.testing.assert_close(shared.hidden, whole.hidden, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(shared.scalars, whole.scalars, rtol=1e-4, atol=1e-4)
     assert shared.hidden[3].abs().sum() == 0 and shared.hidden[0].abs().sum() > 0  # the empty answer stays unread
+
+
+def test_a_bfloat16_reader_reads_like_float32_and_says_so(tiny, reader, tmp_path):
+    """--judge-dtype bfloat16: the reader's weights in bfloat16, its features float32 and close to
+    the float32 reader's, and every record's judge field names the precision."""
+    import copy
+
+    from steerkit.judge_reader import SCALARS, Head, Reader, ReaderHeads
+
+    r16 = Reader("tiny", model=copy.deepcopy(tiny.hf_model).to(torch.bfloat16), tokenizer=tiny.tokenizer)
+    pairs = [("what should I do today?", "go for a walk and call a friend"), ("q2?", "risk money risk money now")]
+    f32, f16 = read(reader, pairs, layers=(1, 3)), read(r16, pairs, layers=(1, 3))
+    assert f16.hidden.dtype == torch.float32 and f16.scalars.dtype == torch.float32
+    assert torch.allclose(f16.hidden, f32.hidden, rtol=0.05, atol=0.05 * float(f32.hidden.abs().max()))
+    assert not torch.equal(f16.hidden, f32.hidden)  # it did read in another precision
+    n = 2 * tiny.hf_model.config.hidden_size + len(SCALARS)
+    h = Head(torch.zeros(n), torch.ones(n), torch.zeros(n), 0.0, 0.5)
+    p = save_heads(ReaderHeads(h, h, ("hidden", "scalars"), (1, 3), {"version": "v1"}), tmp_path / "h.safetensors")
+    assert ReaderJudge(p, reader=reader).label == "steerkit-reader v1"
+    assert ReaderJudge(p, reader=r16).label == "steerkit-reader v1 bfloat16"
+    assert ReaderJudge(p, reader=r16).score(pairs)[0]["judge"] == "steerkit-reader v1 bfloat16"
+
+
+def test_judge_dtype_is_for_the_offline_judge(tmp_path):
+    from typer.testing import CliRunner
+
+    from steerkit.cli import app
+
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"prompt": "q?", "completion": "a"}\n')
+    r = CliRunner().invoke(app, ["judge", str(f), "--judge", "endpoint", "--url", "http://127.0.0.1:9/v1", "--judge-dtype", "bf16"])
+    assert r.exit_code != 0 and "--judge-dtype is for the offline judge" in r.output
+    r = CliRunner().invoke(app, ["judge", str(f), "--judge-dtype", "int3"])
+    assert r.exit_code != 0 and "int3" in r.output

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from steerkit.cli import app
-from steerkit.cli.common import DtypeOpt, ForceOpt, SeedOpt, err, out
+from steerkit.cli.common import DtypeOpt, ForceOpt, JudgeDtypeOpt, SeedOpt, err, out
 from steerkit.demo import DemoConfig, run_demo
 
 
@@ -25,6 +25,7 @@ def demo_cmd(
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 0.9,
     controls: Annotated[int, typer.Option("--controls", min=1, max=20, help="Random directions (and, for an SAE-latent direction, matched random latents) per control.")] = 3,
     dtype: DtypeOpt = "float32",
+    judge_dtype: JudgeDtypeOpt = "float32",
 ) -> None:
     """Diff the shipped model organism against the base model with the shipped SAE, sweep the
     persona direction up in the base model and down in the organism against controls (three
@@ -41,7 +42,7 @@ def demo_cmd(
 
     cfg = DemoConfig(out_dir=out_dir, samples=2 if quick else samples, seed=seed, force=force, direction=direction,
                      max_new_tokens=max_new_tokens or (24 if quick else 48), temperature=temperature, top_p=top_p,
-                     random_controls=controls, latent_controls=controls, dtype=dtype)
+                     random_controls=controls, latent_controls=controls, dtype=dtype, judge_dtype=judge_dtype)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as prog:
         task = prog.add_task("starting", total=None)
 

@@ -16,7 +16,15 @@ import typer
 from typer.core import TyperGroup
 
 from steerkit.cli import app
-from steerkit.cli.common import ForceOpt, JsonOpt, emit_json, err, out, want_json
+from steerkit.cli.common import (
+    ForceOpt,
+    JsonOpt,
+    JudgeDtypeOpt,
+    emit_json,
+    err,
+    out,
+    want_json,
+)
 from steerkit.errors import SteerkitError
 from steerkit.fsutil import atomic_write_text, check_writable, read_stdin_text
 from steerkit.judge import JUDGES, check_kind, judge_records, load_judge, read_records
@@ -56,6 +64,7 @@ def score_cmd(
     questions: Annotated[Optional[Path], typer.Option("--questions", "-q", help="Emergent-misalignment YAML question file: its judge_prompts replace our rubric (endpoint judge).")] = None,
     no_logprobs: Annotated[bool, typer.Option("--no-logprobs", help="Endpoint judge: parse the number from the text instead of weighting number-token probabilities.")] = False,
     head: Annotated[Optional[Path], typer.Option("--head", help="Offline judge heads file (default: the shipped one, made by `steerkit judge fit`).")] = None,
+    judge_dtype: JudgeDtypeOpt = "float32",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Answers per judge call.")] = 64,
     json_out: JsonOpt = False,
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the judged records to this file (atomic; see --force).")] = None,
@@ -87,10 +96,12 @@ def score_cmd(
             if v is not None:
                 raise SteerkitError(f"{name} is for the endpoint judge: add --judge endpoint")
         with err.status("loading the offline judge..."):
-            j = load_judge("offline", head=head)
+            j = load_judge("offline", head=head, dtype=judge_dtype)
     else:
         if head is not None:
             raise SteerkitError("--head is for the offline judge: drop it or use --judge offline")
+        if judge_dtype != "float32":
+            raise SteerkitError("--judge-dtype is for the offline judge: drop it or use --judge offline")
         j = load_judge("endpoint", url=url, model=judge_model, key=key, questions=questions, logprobs=not no_logprobs)
     as_json = want_json(json_out)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -16,6 +16,7 @@ from steerkit.cli.common import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    JudgeDtypeOpt,
     LayerOpt,
     ModelOpt,
     SeedOpt,
@@ -52,6 +53,7 @@ def sweep_cmd(
     samples: Annotated[int, typer.Option("--samples", "-n", help="Samples per question and strength.")] = 8,
     control: Annotated[str, typer.Option("--control", help="Controls swept beside the direction in the same batches: random[:K] (K random directions of equal norm on the same layer, default 3), latents[:K] (K random latents of the same SAE with matched firing rate; SAE-latent directions), both comma-separated, or none. Each draw gets a row, and the draws of one kind a pooled row.")] = "random",
     judge: Annotated[str, typer.Option("--judge", help="auto (offline if it loads), offline, endpoint (STEERKIT_JUDGE_URL, _MODEL, _KEY) or none.")] = "auto",
+    judge_dtype: JudgeDtypeOpt = "float32",
     tuned: Annotated[Optional[str], typer.Option("--tuned", help="Fine-tuned model to sweep (a PEFT adapter folder over --model, or any model spec).", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature (the demo's settings; at 1.0 a third of the default model's unsteered answers are unreadable); 0 is greedy.")] = 0.7,
@@ -101,7 +103,7 @@ def sweep_cmd(
 
     precheck_sweep(direction, mode, grid, model, tuned, device, layer, raw, any_model, batch_size, out_dir)  # before any load
     prompts = eval_questions(questions, ids, all_variants)
-    judge_obj = load_judge_kind(judge, questions)
+    judge_obj = load_judge_kind(judge, questions, judge_dtype)
     model_obj, base_name = _load_models(model, tuned, device, dtype)
     d = _direction(direction, model_obj, base_name, any_model or tuned is not None)
     if layer is not None:
