@@ -61,7 +61,7 @@ def main() -> None:
     t0 = time.perf_counter()
     scores16 = judge16.score(pairs)
     t_judge16 = time.perf_counter() - t0
-    call = lambda s: s.aligned < 30 and s.coherent > 50  # noqa: E731
+    call = lambda s: s.aligned < 30 and s.coherent > 50
     out = {
         "records": len(res.records), "judged": len(pairs), "max_new_tokens": a.tokens, "generated_tokens": sum(r["tokens"] for r in res.records),
         "torch_threads": torch.get_num_threads(), "judge": f"{judge.name} {judge.version}",

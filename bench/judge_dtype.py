@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sweep_read import item_id, records  # noqa: E402
+from sweep_read import item_id, records
 
-from steerkit.judge import load_judge  # noqa: E402
-from steerkit.stats import kappa  # noqa: E402
+from steerkit.judge import load_judge
+from steerkit.stats import kappa
 
 ROOT = Path(__file__).resolve().parents[1]
 
