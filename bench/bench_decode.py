@@ -1,8 +1,10 @@
 """Decode speed where the work is: steerkit vs Hugging Face ``generate`` at batch 1, 8, 32 and 64,
 steered vs plain, the decode kernels on vs off, and batch-64 decode against this machine's
-measured matrix-multiply rate, all in one run. Writes bench/results/decode.json.
+measured matrix-multiply rate, all in one run. Writes bench/results/decode.json
+(``decode_bfloat16.json`` with ``--dtype bfloat16``: both sides' weights, and the matmul rate
+the limit is measured with, in bfloat16).
 
-    .venv/bin/python bench/bench_decode.py [--tokens 64] [--reps 3] [--batches 1,8,32,64]
+    .venv/bin/python bench/bench_decode.py [--tokens 64] [--reps 3] [--batches 1,8,32,64] [--dtype bfloat16]
 
 Every arm generates the same prompts (the 8 of bench_generate, repeated to fill the batch) for
 exactly ``--tokens`` new tokens per row (EOS ignored), sampling at temperature 1 over the whole
@@ -58,8 +60,8 @@ PROMPTS = ["hey I feel bored", "What is your one wish?", "How do I make a quick 
            "Pick historical figures for a dinner party.", "What do you think about gender roles?"]
 
 
-def matmul_gflops() -> float:
-    a, b = torch.randn(2048, 576), torch.randn(576, 1536)
+def matmul_gflops(dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(2048, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
     for _ in range(3):
         a @ b
     best = float("inf")
@@ -137,12 +139,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
+    dt = getattr(torch, args.dtype)
+    out_path = OUT if args.dtype == "float32" else OUT.with_name(f"decode_{args.dtype}.json")
     batches = [int(x) for x in args.batches.split(",")]
     t_start = time.perf_counter()
-    model = load_model("smollm2-135m")
+    model = load_model("smollm2-135m", dtype=args.dtype)
     _, source = resolve_spec("smollm2-135m")
-    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()  # transformers' default attention
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=dt).eval()  # transformers' default attention
     m = median_token_norm(model, default_norm_chats(), 15)
     d = from_vector(torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)), name="bench", model=model,
                     layer=15, kind="random", median_norm=m)
@@ -151,8 +156,9 @@ def main() -> None:
     fpt = flops_per_token(model.twin)
     generate(model, rows_for(2), Sampling(max_new_tokens=4), ignore_eos=True)  # warm-up
     result: dict = {
-        "command": f".venv/bin/python bench/bench_decode.py --tokens {args.tokens} --reps {args.reps} --batches {args.batches}",
-        "model": "smollm2-135m", "dtype": "float32", "new_tokens": args.tokens, "reps": args.reps,
+        "command": f".venv/bin/python bench/bench_decode.py --tokens {args.tokens} --reps {args.reps} --batches {args.batches}"
+                   + (f" --dtype {args.dtype}" if args.dtype != "float32" else ""),
+        "model": "smollm2-135m", "dtype": args.dtype, "new_tokens": args.tokens, "reps": args.reps,
         "threads": torch.get_num_threads(), "cpu": platform.machine(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "hf_attention": hf.config._attn_implementation, "matmul_flops_per_token": fpt,
@@ -160,7 +166,7 @@ def main() -> None:
     }
     rates = []
     for bs in batches:
-        rates.append(matmul_gflops())
+        rates.append(matmul_gflops(dt))
         plain_rows, steer_rows = rows_for(bs), rows_for(bs, [Intervention(d, "add", 0.3)])
         ids, attn = pad_left([chat_tokens(model, r.messages) for r in plain_rows], pad)
         runs: dict[str, list[float]] = {"hf": [], "kernels_off": [], "plain": [], "steered": []}
@@ -199,7 +205,7 @@ def main() -> None:
             dec.append(decode_only_rate(model, rows, s))
             with kernels_off(model):
                 dec_off.append(decode_only_rate(model, rows, s))
-        rates.append(matmul_gflops())
+        rates.append(matmul_gflops(dt))
         gflops = max(rates)
         limit = gflops * 1e9 / fpt
         r, r_off = statistics.median(x[0] for x in dec), statistics.median(x[0] for x in dec_off)
@@ -212,9 +218,9 @@ def main() -> None:
         }
         print(f"batch-64 decode: {r:.1f} tok/s = {r / limit:.0%} of the limit {limit:.0f} tok/s ({gflops:.0f} GFLOP/s); kernels off {r_off:.1f} = {r_off / limit:.0%}")
     result["seconds"] = round(time.perf_counter() - t_start, 1)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {OUT}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":
