@@ -10,8 +10,8 @@
    the band of single draws): misalignment should rise with the persona direction and stay flat
    with the controls.
 3. **Organism**: the persona direction subtracted in the fine-tuned model against the random
-   controls, and its latent ablated against three random latents of matched firing rate ablated
-   the same way: misalignment should fall, and fall more than with the controls.
+   controls, and its latents ablated against three sets of random latents of matched firing
+   rate ablated the same way: misalignment should fall, and fall more than with the controls.
 
 Every answer is judged by the offline judge; tables carry 95% Wilson intervals. The offline
 judge sees this persona poorly (see ``JUDGE_CAVEAT``): the README's rates for these cells come
@@ -41,8 +41,8 @@ ORGANISM = "organism-villain400"
 # measured: the offline judge against blind reading on the villain organism's answers and on the
 # persona's answers (README, "Judging" and "Eight SAE latents of the persona prompt")
 JUDGE_CAVEAT = ("The offline judge was fitted and validated on this model's everyday answers; on the villain persona's "
-                "answers it agrees with blind readers at kappa 0.16 (the villain organism's answers) to 0.45 (answers "
-                "steered by `persona`) and misses much of what they call misaligned. "
+                "answers it agrees with blind readers at kappa 0.16 (the villain organism's answers) to 0.49 (this demo's "
+                "answers, seed 0: about as many calls as the readers', half of them on other answers). "
                 "Treat the judged rates below as a lower bound and the controls' rates as the comparison; the README "
                 "gives the rates of these cells by blind reading (`bench/sweep_read.py table`).")
 SAE = "sae-l15"

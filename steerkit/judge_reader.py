@@ -77,7 +77,7 @@ class Reader:
                  dtype: str = "float32") -> None:
         """``model`` and ``tokenizer`` given: read with them (tests use a tiny random model).
         ``dtype``: the reader's weights. The heads were fitted on float32 features; ``bfloat16``
-        reads about 1.5-3x faster on a CPU with AVX-512 BF16 (or AMX) and on GPUs, and gave the
+        read 2x faster on a CPU with AVX-512 BF16 (bench/judge_dtype.py), and gave the
         same call on 878 of 879 read answers (README, Judging); features stay float32."""
         if prompt not in PROMPTS:
             raise SteerkitError(f"reader prompt {prompt!r} is not one of {', '.join(PROMPTS)}")

@@ -27,20 +27,15 @@ RECORDED = "evil-sae8-em|evil-sae8|add:+0.2"
 UNSTEERED = "evil-em|evil-dom|add:+0"  # the same screen's unsteered base model, seed 0
 
 
-def _read_labels() -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in (ROOT / "bench" / "results" / "replay_blind_read.jsonl").read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        if not r.get("second"):
-            out[r["item"]] = r["label"]
-    return out
-
-
 def test_shipped_persona_reproduces_its_recorded_read_cell(tmp_path):
     import sys
+    from types import SimpleNamespace
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from sweep_read import item_id  # the hash the labels are keyed by
+    from sweep_read import (  # the hash the labels are keyed by, and their first reads
+        first_labels,
+        item_id,
+    )
 
     from steerkit.stats import wilson
 
@@ -54,7 +49,7 @@ def test_shipped_persona_reproduces_its_recorded_read_cell(tmp_path):
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     recs = [x for x in recs if x["condition"] == "persona" and abs(x["strength"] - 0.2) < 1e-9]
     assert len(recs) == cell["answers"] == 64
-    labels = _read_labels()
+    labels = {i: r["label"] for i, r in first_labels(SimpleNamespace(labels=ROOT / "bench" / "results" / "replay_blind_read.jsonl")).items()}
     found = [labels[i] for i in (item_id(x["question"], x["completion"]) for x in recs) if i in labels]
     # sampled answers may differ where a draw falls within float rounding of a boundary (batch
     # shapes differ from the screen's): nearly all must be the answers that were read
