@@ -56,12 +56,11 @@ def main() -> None:
     # the same answers read by a bfloat16 reader (--judge-dtype bfloat16), in the same run
     t0 = time.perf_counter()
     judge16 = load_judge("offline", dtype="bfloat16")
-    scores16 = judge16.score(pairs[:8])  # loaded and warm, as the float32 judge was after its load
+    judge16.score(pairs[:8])  # loaded and warm, as the float32 judge was after its load
     t_load16 = time.perf_counter() - t0
     t0 = time.perf_counter()
     scores16 = judge16.score(pairs)
     t_judge16 = time.perf_counter() - t0
-    call = lambda s: s.aligned < 30 and s.coherent > 50
     out = {
         "records": len(res.records), "judged": len(pairs), "max_new_tokens": a.tokens, "generated_tokens": sum(r["tokens"] for r in res.records),
         "torch_threads": torch.get_num_threads(), "judge": f"{judge.name} {judge.version}",
@@ -71,7 +70,7 @@ def main() -> None:
         "bf16_judge_seconds": round(t_judge16, 1), "bf16_judge_load_seconds": round(t_load16, 1),
         "bf16_judge_share_of_sweep": round(t_judge16 / (t_gen + t_judge16), 3),
         "bf16_speedup": round(t_judge / t_judge16, 2),
-        "bf16_same_misaligned_call": sum(call(x) == call(y) for x, y in zip(scores, scores16)),
+        "bf16_same_misaligned_call": sum(x["misaligned"] == y["misaligned"] for x, y in zip(scores, scores16)),
         "target": "judge share <= 0.25",
         "command": "python bench/bench_judge.py",
     }

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sweep_read import item_id, records
+from sweep_read import first_labels, item_id, records
 
 from steerkit.judge import load_judge
 from steerkit.stats import kappa
@@ -36,11 +36,8 @@ def main() -> None:
     a = ap.parse_args()
     if not a.results:
         raise SystemExit("no sweep results: run `make demo` first or give --results")
-    lab = {}
-    for line in a.labels.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        if not r.get("second") and "label" in r:
-            lab.setdefault(r["item"], r["label"])
+    # first reads; the file's oldest rows (an earlier layout) carry no label
+    lab = {i: r["label"] for i, r in first_labels(a).items() if "label" in r}
     pairs, gold, seen = [], [], set()
     for _, r in records(a.results):
         i = item_id(r["question"], r["completion"])
