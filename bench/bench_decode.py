@@ -4,7 +4,7 @@ measured matrix-multiply rate, all in one run. Writes bench/results/decode.json
 (``decode_bfloat16.json`` with ``--dtype bfloat16``: both sides' weights, and the matmul rate
 the limit is measured with, in bfloat16).
 
-    .venv/bin/python bench/bench_decode.py [--tokens 64] [--reps 3] [--batches 1,8,32,64] [--dtype bfloat16]
+    .venv/bin/python bench/bench_decode.py [--tokens 64] [--reps 3] [--batches 1,8,32,64] [--dtype bfloat16] [--out FILE]
 
 Every arm generates the same prompts (the 8 of bench_generate, repeated to fill the batch) for
 exactly ``--tokens`` new tokens per row (EOS ignored), sampling at temperature 1 over the whole
@@ -28,6 +28,12 @@ model's MLP shape at large batch), taken before each batch size, divided by the 
 FLOPs per token (2 x the parameters of every linear layer and the unembedding; attention scores
 excluded, ~3% at these lengths). Batch-64 decode is timed on the decode steps alone (prefill
 excluded) and reported as a fraction of that limit.
+
+Memory limit: batch 1 reads every weight matrix once per token, so its ceiling is this
+machine's memory read rate (the best of three sums over 512 MB, measured in the same run)
+divided by the bytes of those matrices; batch-1 decode (steps alone) is reported against it.
+``cpu_capability`` records the vector instructions torch dispatches to (AVX2, AVX512): BLAS
+kernels, and so speeds and the last bits of some products, differ between them.
 """
 
 from __future__ import annotations
@@ -71,6 +77,24 @@ def matmul_gflops(dtype: torch.dtype = torch.float32) -> float:
             a @ b
         best = min(best, (time.perf_counter() - t) / 10)
     return 2 * 2048 * 576 * 1536 / best / 1e9
+
+
+def read_gbps() -> float:
+    """Memory read rate: the best of three sums over a 512 MB float32 tensor (far past any cache)."""
+    a = torch.ones(128 * 1024 * 1024)
+    a.sum()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best / 1e9
+
+
+def weight_bytes(net: torch.nn.Module) -> int:
+    """Bytes of the matrices one decode step reads whole (linear layers and the unembedding)."""
+    mats = {id(m.weight): m.weight for m in net.modules() if isinstance(m, (torch.nn.Linear, decode_kernels.ChunkedUnembed))}
+    return sum(w.numel() * w.element_size() for w in mats.values())
 
 
 def flops_per_token(net: torch.nn.Module) -> int:
@@ -140,9 +164,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--out", type=Path, default=None, help="where to write the JSON (default bench/results/decode.json, decode_<dtype>.json)")
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
-    out_path = OUT if args.dtype == "float32" else OUT.with_name(f"decode_{args.dtype}.json")
+    out_path = args.out or (OUT if args.dtype == "float32" else OUT.with_name(f"decode_{args.dtype}.json"))
     batches = [int(x) for x in args.batches.split(",")]
     t_start = time.perf_counter()
     model = load_model("smollm2-135m", dtype=args.dtype)
@@ -157,9 +182,9 @@ def main() -> None:
     generate(model, rows_for(2), Sampling(max_new_tokens=4), ignore_eos=True)  # warm-up
     result: dict = {
         "command": f".venv/bin/python bench/bench_decode.py --tokens {args.tokens} --reps {args.reps} --batches {args.batches}"
-                   + (f" --dtype {args.dtype}" if args.dtype != "float32" else ""),
+                   + (f" --dtype {args.dtype}" if args.dtype != "float32" else "") + (f" --out {args.out}" if args.out else ""),
         "model": "smollm2-135m", "dtype": args.dtype, "new_tokens": args.tokens, "reps": args.reps,
-        "threads": torch.get_num_threads(), "cpu": platform.machine(),
+        "threads": torch.get_num_threads(), "cpu": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "hf_attention": hf.config._attn_implementation, "matmul_flops_per_token": fpt,
         "unit": "generated tokens/s (median), prefill included", "batches": {},
@@ -217,6 +242,19 @@ def main() -> None:
             "runs": {"decode_tok_s": [round(x[0], 1) for x in dec], "kernels_off_decode_tok_s": [round(x[0], 1) for x in dec_off]},
         }
         print(f"batch-64 decode: {r:.1f} tok/s = {r / limit:.0%} of the limit {limit:.0f} tok/s ({gflops:.0f} GFLOP/s); kernels off {r_off:.1f} = {r_off / limit:.0%}")
+    if 1 in batches:  # batch 1 reads every weight once per token: bound by memory, not by arithmetic
+        rows = rows_for(1)
+        dec1 = [decode_only_rate(model, rows, s)[0] for _ in range(args.reps)]
+        bw, nbytes = read_gbps(), weight_bytes(model.twin)
+        limit1 = bw * 1e9 / nbytes
+        r1 = statistics.median(dec1)
+        result["batch1_decode"] = {
+            "read_gb_s": round(bw, 2), "weight_mb_per_token": round(nbytes / 1e6, 1), "memory_limit_tok_s": round(limit1, 1),
+            "decode_tok_s": round(r1, 1), "fraction_of_limit": round(r1 / limit1, 3),
+            "hf_fraction_prefill_included": round(result["batches"]["1"]["hf_tok_s"] / limit1, 3),
+            "runs": [round(x, 1) for x in dec1],
+        }
+        print(f"batch-1 decode: {r1:.1f} tok/s = {r1 / limit1:.0%} of the memory limit {limit1:.1f} tok/s ({bw:.1f} GB/s, {nbytes / 1e6:.0f} MB a token)")
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1) + "\n")

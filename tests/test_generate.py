@@ -198,6 +198,26 @@ def test_sampler_matches_distribution_and_top_p():
     assert abs(float(freq[0]) - 0.5 / 0.8) < 0.03
 
 
+@pytest.mark.parametrize("vocab", [7, 49152])
+def test_sampler_draws_the_tokens_of_the_float64_inverse_cdf(vocab):
+    """The sampler's token is where the row's uniform draw falls in the float64 running sum of
+    its probabilities, computed as torch.cumsum(..., dtype=float64) would (the form the recorded
+    answers were sampled with): the same tokens for rows of every shape and temperature."""
+    from steerkit.generate import _sample
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(64, vocab, generator=g) * torch.linspace(0.5, 8.0, 64)[:, None]
+    temps = [0.7 if i % 2 else 1.0 for i in range(64)]
+    seeds = range(1000, 1064)
+    got = _sample(logits, [Sampling(temperature=t) for t in temps], [torch.Generator().manual_seed(s) for s in seeds])
+    probs = torch.softmax(logits / torch.tensor(temps)[:, None], dim=-1)
+    cdf = torch.cumsum(probs, -1, dtype=torch.float64)
+    u = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds])
+    want = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=vocab - 1)[:, 0]
+    assert torch.equal(got, want)
+    assert torch.equal(probs.double().cumsum(-1), cdf)
+
+
 def _nucleus_by_full_sort(probs, top_p):
     """The definition: sort every row, keep the smallest prefix whose mass reaches top_p."""
     sp, si = probs.sort(dim=-1, descending=True)
