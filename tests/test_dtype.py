@@ -64,6 +64,39 @@ def test_load_model_in_bfloat16_on_cpu(tiny_dir):
     assert residuals(m, ids_of(m), LAYER).dtype is torch.float32  # activations come out float32
 
 
+def test_half_precision_note_says_how_much_slower_and_what_to_do():
+    from steerkit.models import half_precision_note
+
+    assert half_precision_note(torch.bfloat16, 42.0, 300.0) is None
+    assert half_precision_note(torch.bfloat16, 42.0, 42.0) is None
+    note = half_precision_note(torch.bfloat16, 42.0, 1.2)
+    assert "35.0x slower" in note and "drop --dtype/--judge-dtype bfloat16" in note and "\n" not in note
+
+
+@pytest.mark.parametrize("rates, warned", [((42.0, 1.2), True), ((42.0, 300.0), False)])
+def test_loading_half_precision_on_a_slow_cpu_warns_once(tiny_dir, monkeypatch, caplog, rates, warned):
+    """Where this CPU's measured half-precision products are slower than float32's, loading a
+    model in that dtype on the CPU says so, once per process (the measurement is replaced by the
+    given rates; the decision and the message are what is tested)."""
+    import steerkit.models as M
+
+    monkeypatch.setattr(M, "matmul_rates", lambda dtype: rates)
+    monkeypatch.setattr(M, "_NOTED", set())
+    with caplog.at_level("WARNING", logger="steerkit.models"):
+        load_model(str(tiny_dir), device="cpu", dtype="bfloat16")
+        load_model(str(tiny_dir), device="cpu", dtype="bfloat16")
+        load_model(str(tiny_dir), device="cpu", dtype="float32")
+    notes = [r.getMessage() for r in caplog.records if "slower than float32" in r.getMessage()]
+    assert len(notes) == (1 if warned else 0)
+
+
+def test_matmul_rates_measures_both_dtypes():
+    from steerkit.models import matmul_rates
+
+    fp32, bf16 = matmul_rates(torch.bfloat16)
+    assert fp32 > 0 and bf16 > 0
+
+
 # --- generation and the hooks' arithmetic -----------------------------------------------------
 
 

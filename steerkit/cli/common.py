@@ -48,7 +48,7 @@ def _dtype_option(value: str) -> str:
 DtypeOpt = Annotated[str, typer.Option("--dtype", callback=_dtype_option, help="The model's weights: float32, bfloat16 or float16 (bf16, fp16); half precision halves the memory of a big model on a GPU. Steering, SAE and activation arithmetic stays float32 either way.")]
 
 
-JudgeDtypeOpt = Annotated[str, typer.Option("--judge-dtype", callback=_dtype_option, help="The offline judge's reader weights: float32 (what its heads were fitted on) or bfloat16 (2x faster on a CPU with AVX-512 BF16, as measured here; the same call on 878 of 879 read answers). Records name it in their judge field.")]
+JudgeDtypeOpt = Annotated[str, typer.Option("--judge-dtype", callback=_dtype_option, help="The offline judge's reader weights: float32 (what its heads were fitted on) or bfloat16 (2x faster on a CPU with AVX-512 BF16, as measured here, and far slower on one without: steerkit says so when it loads; the same call on 878 of 879 read answers). Records name it in their judge field.")]
 
 
 def want_json(flag: bool) -> bool:
