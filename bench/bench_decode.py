@@ -91,16 +91,20 @@ def read_gbps() -> float:
     return a.numel() * 4 / best / 1e9
 
 
-def weight_bytes(net: torch.nn.Module) -> int:
-    """Bytes of the matrices one decode step reads whole (linear layers and the unembedding)."""
+def matrices(net: torch.nn.Module) -> list[torch.Tensor]:
+    """The weight of every matrix product a token goes through (linear layers, unembedding), once each."""
     mats = {id(m.weight): m.weight for m in net.modules() if isinstance(m, (torch.nn.Linear, decode_kernels.ChunkedUnembed))}
-    return sum(w.numel() * w.element_size() for w in mats.values())
+    return list(mats.values())
+
+
+def weight_bytes(net: torch.nn.Module) -> int:
+    """Bytes of the matrices one decode step reads whole."""
+    return sum(w.numel() * w.element_size() for w in matrices(net))
 
 
 def flops_per_token(net: torch.nn.Module) -> int:
-    """2 x the weights of every matrix product a token goes through (linear layers, unembedding)."""
-    n = sum(m.weight.numel() for m in net.modules() if isinstance(m, (torch.nn.Linear, decode_kernels.ChunkedUnembed)))
-    return 2 * n
+    """2 x the weights of every matrix product a token goes through."""
+    return 2 * sum(w.numel() for w in matrices(net))
 
 
 @contextlib.contextmanager

@@ -378,14 +378,21 @@ def matmul_rates(dtype: torch.dtype) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
+# how much slower than float32 half-precision products must measure before loading says so: well
+# past the spread of a best-of-five timing, so a CPU that runs both at about the same speed stays quiet
+SLOWER_NOTE_RATIO = 1.5
+_FAST_HALF = {torch.bfloat16: "AVX-512 BF16 or AMX", torch.float16: "AVX-512 FP16 or AMX-FP16"}
+
+
 def half_precision_note(dtype: torch.dtype, fp32_gflops: float, half_gflops: float) -> str | None:
-    """One line for a user who asked for ``dtype`` weights on a CPU that multiplies them more slowly
-    than float32 (None where it does not): what was measured and what to do instead."""
-    if half_gflops >= fp32_gflops:
+    """One line for a user who asked for ``dtype`` weights on a CPU that multiplies them far more
+    slowly than float32 (at least ``SLOWER_NOTE_RATIO`` times; None otherwise): what was measured
+    and what to do instead."""
+    if half_gflops * SLOWER_NOTE_RATIO > fp32_gflops:
         return None
     name = dtype_name(dtype)
     return (f"{name} matrix products run {fp32_gflops / max(half_gflops, 1e-9):.1f}x slower than float32 on this CPU "
-            f"({half_gflops:.1f} vs. {fp32_gflops:.1f} GFLOP/s, measured just now; fast {name} needs AVX-512 BF16 or AMX): "
+            f"({half_gflops:.1f} vs. {fp32_gflops:.1f} GFLOP/s, measured just now; fast {name} needs {_FAST_HALF.get(dtype, 'CPU support for it')}): "
             f"drop --dtype/--judge-dtype {name} here")
 
 

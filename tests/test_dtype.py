@@ -69,6 +69,8 @@ def test_half_precision_note_says_how_much_slower_and_what_to_do():
 
     assert half_precision_note(torch.bfloat16, 42.0, 300.0) is None
     assert half_precision_note(torch.bfloat16, 42.0, 42.0) is None
+    assert half_precision_note(torch.bfloat16, 42.0, 35.0) is None  # within a timing's spread: no note
+    assert "AVX-512 FP16" in half_precision_note(torch.float16, 42.0, 20.0)
     note = half_precision_note(torch.bfloat16, 42.0, 1.2)
     assert "35.0x slower" in note and "drop --dtype/--judge-dtype bfloat16" in note and "\n" not in note
 
